@@ -1,0 +1,72 @@
+"""The one store interface every backend implements: immutable objects under a run prefix.
+
+Keys are relative, '/'-separated paths such as ``windows/000012/payloads/<peer>.lsp``.
+Objects are written once and never changed; ``put_if_absent`` is the single atomic
+primitive (used for a window's close record). Every method raises only ``StoreError``
+subclasses; each backend translates its own library's errors at this boundary.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from protocol.errors import StoreError
+
+_KEY = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+MAX_KEY_CHARS = 512
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the run prefix or that some backend cannot store."""
+    if len(key) > MAX_KEY_CHARS or not _KEY.match(key) or any(p in (".", "..") for p in key.split("/")):
+        raise StoreError("invalid object key", key=key)
+    return key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing says of one object. ``modified`` is the store's clock, unix seconds."""
+
+    key: str
+    size: int
+    modified: float
+
+
+class Store(ABC):
+    """put/get/list/delete of immutable objects under one run prefix."""
+
+    uri: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` under ``key`` (replacing any object there, atomically)."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write only when nothing is under ``key`` yet; True when this call wrote it."""
+
+    @abstractmethod
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Read the object; ``ObjectNotFound`` if absent, ``StoreError`` if over ``max_bytes``."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, sorted by key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; deleting an absent key is not an error."""
+
+    def exists(self, key: str) -> bool:
+        return any(o.key == key for o in self.list(key))
+
+    def close(self) -> None:
+        """Release connections and background threads."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,97 @@
+"""``file://`` store: a directory. The embedded default, so a whole network runs on one machine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from protocol.errors import ObjectNotFound, StoreError, StoreUnavailable
+from protocol.stores.base import ObjectInfo, Store, check_key
+
+
+class FileStore(Store):
+    """Objects are files under ``root``; writes go through a temp file and a rename."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self.uri = f"file://{self.root}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create store directory {self.root}: {exc}") from exc
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _write_tmp(self, path: Path, data: bytes) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            os.replace(self._write_tmp(path, data), path)
+        except OSError as exc:
+            raise StoreUnavailable(f"write failed: {exc}", key=key) from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            tmp = self._write_tmp(path, data)
+            try:
+                os.link(tmp, path)  # atomic: fails if the name exists
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        except OSError as exc:
+            raise StoreUnavailable(f"write failed: {exc}", key=key) from exc
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise StoreError(f"object is {size} bytes, over the cap of {max_bytes}", key=key)
+                return f.read()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound("no such object", key=key) from exc
+        except IsADirectoryError as exc:
+            raise ObjectNotFound("no such object", key=key) from exc
+        except OSError as exc:
+            raise StoreUnavailable(f"read failed: {exc}", key=key) from exc
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        # Walk only the deepest directory the prefix names, not the whole store.
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        out = []
+        try:
+            for dirpath, _, files in os.walk(base):
+                for name in files:
+                    if name.startswith(".tmp-"):
+                        continue
+                    full = Path(dirpath) / name
+                    key = full.relative_to(self.root).as_posix()
+                    if key.startswith(prefix):
+                        try:
+                            st = full.stat()
+                        except FileNotFoundError:
+                            continue
+                        out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        except OSError as exc:
+            raise StoreUnavailable(f"list failed: {exc}", key=prefix) from exc
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"delete failed: {exc}", key=key) from exc
