@@ -1,0 +1,110 @@
+"""The CLI verbs that act on one run: init, peer, status, export, validator."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from protocol import paths
+from protocol.errors import ManifestError, ObjectNotFound
+from protocol.manifest import Manifest
+from protocol.stores import open_store
+from protocol.stores.base import Store
+
+log = logging.getLogger(__name__)
+
+
+def store_options(manifest: Manifest | None, args: argparse.Namespace) -> dict:
+    """Backend options: the manifest's [store] table, overridden by command-line flags."""
+    opts: dict = {}
+    if manifest is not None:
+        cfg = manifest.store
+        opts.update(
+            endpoint_url=cfg.endpoint_url or None,
+            region=cfg.region or None,
+            addressing_style=cfg.addressing_style,
+            profile=cfg.profile or None,
+            initial_peers=cfg.initial_peers,
+            request_timeout=cfg.request_timeout,
+            retries=cfg.retries,
+        )
+    if getattr(args, "endpoint_url", None):
+        opts["endpoint_url"] = args.endpoint_url
+    if getattr(args, "initial_peers", None):
+        opts["initial_peers"] = tuple(args.initial_peers)
+    if not args.store.startswith("s3://"):
+        for key in ("endpoint_url", "region", "addressing_style", "profile"):
+            opts.pop(key, None)
+    if not args.store.startswith("p2p://"):
+        opts.pop("initial_peers", None)
+    if args.store.startswith("file://") or args.store.startswith("memory://"):
+        opts = {}
+    return opts
+
+
+def open_run(args: argparse.Namespace) -> tuple[Manifest, Store]:
+    """The run's manifest and its store; a --manifest must match the store's own."""
+    local = Manifest.load(args.manifest) if args.manifest else None
+    store = open_store(args.store, **store_options(local, args))
+    try:
+        theirs = Manifest.from_bytes(store.get(paths.MANIFEST, max_bytes=1 << 20))
+    except ObjectNotFound:
+        if local is None:
+            raise ManifestError(f"no run in {args.store}: create one with `locoswarm init`") from None
+        return local, store
+    if local is not None and local.digest != theirs.digest:
+        raise ManifestError(f"--manifest ({local.run_key}) differs from the run in {args.store} ({theirs.run_key})")
+    return theirs, store
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "init":
+        from node.genesis import init_run
+
+        manifest = Manifest.load(args.manifest) if args.manifest else Manifest()
+        store = open_store(args.store, **store_options(manifest, args))
+        final = init_run(manifest.replace(store__uri=args.store), store)
+        if args.out_manifest:
+            Path(args.out_manifest).write_text(final.to_toml())
+        print(f"run {final.run_key} ready in {args.store}")
+        return 0
+    if args.command == "peer":
+        from node.config import NodeConfig
+        from node.peer import Peer
+
+        manifest, store = open_run(args)
+        node = NodeConfig(
+            workdir=Path(args.workdir),
+            key_path=Path(args.key) if args.key else None,
+            device=args.device,
+            threads=args.threads,
+            min_peers=args.min_peers,
+            max_windows=args.windows,
+            eval_every=args.eval_every,
+        )
+        with store:
+            Peer(manifest, store, node).run()
+        return 0
+    if args.command == "status":
+        from node.status import print_status
+
+        manifest, store = open_run(args)
+        with store:
+            return print_status(manifest, store, as_json=args.json)
+    if args.command == "export":
+        from node.export import export_latest
+
+        manifest, store = open_run(args)
+        with store:
+            window = export_latest(manifest, store, Path(args.out))
+        print(json.dumps({"exported_window": window, "out": args.out}))
+        return 0
+    if args.command == "validator":
+        from validator.service import run_validator
+
+        manifest, store = open_run(args)
+        with store:
+            return run_validator(manifest, store, args)
+    raise SystemExit(f"unknown command {args.command}")

@@ -1,0 +1,135 @@
+"""Checkpoints: a peer's own resumable state, and the run's published global weights.
+
+Local state is ONE safetensors file (global weights, inner AdamW moments, error-feedback
+buffer) whose metadata holds the position (window, digest, inner step, accounting); it is
+written to a temp file and renamed, so a SIGKILL leaves either the old or the new state.
+
+Published checkpoints hold only the global weights at the start of a window plus a small
+JSON meta (window, digest, sha256 of the weights file). Any replica may publish one
+(``put_if_absent``: honest replicas would write identical bytes); a late joiner checks the
+file's hash and the weights' digest before using it. safetensors never executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, load_file, save, save_file
+
+from protocol import paths
+from protocol.digest import weights_digest
+from protocol.errors import CheckpointError, ObjectNotFound, StoreError
+from protocol.stores.base import Store
+
+MAX_META_BYTES = 1 << 16
+
+
+@dataclass
+class LocalState:
+    window: int
+    inner_step: int
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    error_feedback: dict[str, torch.Tensor]
+    meta: dict
+
+
+def save_local_state(path: Path, state: LocalState) -> None:
+    tensors = {f"w.{k}": v for k, v in state.weights.items()}
+    tensors.update({f"o.{k}": v for k, v in state.optimizer.items()})
+    tensors.update({f"e.{k}": v for k, v in state.error_feedback.items()})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"window": str(state.window), "inner_step": str(state.inner_step), "meta": json.dumps(state.meta)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_local_state(path: Path) -> LocalState | None:
+    """The saved state, or None when this peer has none yet."""
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        groups: dict[str, dict[str, torch.Tensor]] = {"w": {}, "o": {}, "e": {}}
+        for key, value in tensors.items():
+            prefix, _, name = key.partition(".")
+            groups[prefix][name] = value
+        return LocalState(
+            int(meta["window"]), int(meta["inner_step"]), groups["w"], groups["o"], groups["e"], json.loads(meta["meta"])
+        )
+    except (OSError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"local state {path} is unreadable: {exc}; move it away to start fresh") from exc
+
+
+def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tensor]) -> bool:
+    """Publish the global weights at the start of ``window``; False if one was already there."""
+    blob = save({k: v.detach().to("cpu").contiguous() for k, v in sorted(weights.items())})
+    meta = {
+        "window": window,
+        "digest": weights_digest(weights).hex(),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "size": len(blob),
+    }
+    wrote = store.put_if_absent(paths.checkpoint_weights_key(window), blob)
+    if wrote:
+        store.put(paths.checkpoint_meta_key(window), json.dumps(meta).encode())
+    return wrote
+
+
+def published_windows(store: Store) -> list[int]:
+    """Windows that have a complete published checkpoint (meta present), ascending."""
+    out = set()
+    for obj in store.list("checkpoints/"):
+        if obj.key.endswith("/meta.json"):
+            w = paths.window_of_key(obj.key)
+            if w is not None:
+                out.add(w)
+    return sorted(out)
+
+
+def fetch_checkpoint(
+    store: Store, window: int, expected_shapes: dict[str, tuple[int, ...]], max_bytes: int
+) -> tuple[dict[str, torch.Tensor], bytes]:
+    """Download, hash-check and shape-check the published weights of ``window``."""
+    try:
+        meta = json.loads(store.get(paths.checkpoint_meta_key(window), max_bytes=MAX_META_BYTES))
+        blob = store.get(paths.checkpoint_weights_key(window), max_bytes=max_bytes)
+    except (ObjectNotFound, ValueError) as exc:
+        raise CheckpointError(f"checkpoint of window {window} is missing or unreadable: {exc}") from exc
+    except StoreError as exc:
+        raise CheckpointError(f"checkpoint of window {window} could not be fetched: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("window") != window:
+        raise CheckpointError(f"checkpoint meta of window {window} is malformed")
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint of window {window} fails its sha256 check")
+    try:
+        weights = load(blob)
+    except Exception as exc:  # safetensors raises its own SafetensorError on malformed bytes
+        raise CheckpointError(f"checkpoint of window {window} is not valid safetensors: {exc}") from exc
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected_shapes:
+        raise CheckpointError(f"checkpoint of window {window} does not match the run's model layout")
+    weights = {k: v.to(torch.float32) for k, v in weights.items()}
+    digest = weights_digest(weights)
+    if digest.hex() != meta.get("digest"):
+        raise CheckpointError(f"checkpoint of window {window} has digest {digest.hex()[:12]}, meta says otherwise")
+    return weights, digest

@@ -1,0 +1,96 @@
+"""The inner loop: H AdamW steps on the peer's assigned batches (warmup + cosine schedule).
+
+Under ``torchrun`` the model is wrapped in DDP and each rank takes an equal slice of every
+assigned batch, so N GPUs of one peer train exactly what one device would, faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from node.model import lm_loss
+from protocol.manifest import InnerConfig
+
+
+def lr_at(step: int, cfg: InnerConfig) -> float:
+    """Learning rate at a global inner step: linear warmup, cosine to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+@dataclass
+class InnerResult:
+    mean_loss: float
+    last_loss: float
+    tokens: int
+    steps: int
+
+
+class InnerLoop:
+    """Owns the inner AdamW optimizer; its state carries over from window to window."""
+
+    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, *, ddp_model: torch.nn.Module | None = None):
+        self.model = model
+        self.train_model = ddp_model or model
+        self.cfg = cfg
+        self.step = 0
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+        )
+
+    def train(self, batches: list[torch.Tensor]) -> InnerResult:
+        """One AdamW step per batch ([B, T+1] token ids); returns loss and tokens trained."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.train_model.train()
+        losses = []
+        tokens = 0
+        for batch in batches:
+            local = batch[rank::world] if world > 1 else batch
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, self.cfg)
+            loss = lm_loss(self.train_model, local)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            value = loss.detach()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            losses.append(float(value))
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
+        return InnerResult(sum(losses) / len(losses), losses[-1], tokens, len(batches))
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """AdamW moments by parameter name, for the resumable state file."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            st = self.optimizer.state.get(p)
+            if st:
+                out[f"adam.m.{name}"] = st["exp_avg"]
+                out[f"adam.v.{name}"] = st["exp_avg_sq"]
+                out[f"adam.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+        return out
+
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        for name, p in self.model.named_parameters():
+            if f"adam.m.{name}" in tensors:
+                self.optimizer.state[p] = {
+                    "exp_avg": tensors[f"adam.m.{name}"].to(p.device).clone(),
+                    "exp_avg_sq": tensors[f"adam.v.{name}"].to(p.device).clone(),
+                    "step": tensors[f"adam.step.{name}"].reshape(()).clone(),
+                }
+        self.step = step

@@ -1,0 +1,240 @@
+"""``locoswarm up``: a whole local network on one machine, on embedded defaults.
+
+Creates a run in a ``file://`` store (or the one given), starts N peer processes (and
+optional validators), shows a live table while they train, then writes a PNG (held-out
+loss vs window and vs bytes communicated) and a summary; with ``--json`` the last stdout
+line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from node.genesis import init_run
+from node.peer import read_progress
+from protocol.manifest import Manifest
+from protocol.stores import open_store
+
+MARKER = ".locoswarm-up"
+
+
+def _prepare_workdir(workdir: Path, keep: bool) -> None:
+    if workdir.exists() and not keep:
+        if any(workdir.iterdir()) and not (workdir / MARKER).exists():
+            raise SystemExit(f"{workdir} exists and was not made by `locoswarm up`; choose another --workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by locoswarm up\n")
+
+
+def _manifest(args: argparse.Namespace, store_uri: str) -> Manifest:
+    manifest = Manifest.load(args.manifest) if args.manifest else Manifest()
+    updates = {"store__uri": store_uri}
+    if args.preset:
+        updates["model__preset"] = args.preset
+    if args.steps:
+        updates["inner__steps"] = args.steps
+    if args.window_seconds:
+        updates["run__window_seconds"] = args.window_seconds
+    if args.endpoint_url:
+        updates["store__endpoint_url"] = args.endpoint_url
+    return manifest.replace(**updates)
+
+
+def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _table(rows: list[dict | None], names: list[str], elapsed: float, windows: int) -> Table:
+    table = Table(title=f"locoswarm local network: {elapsed:5.0f}s, {windows} windows", expand=False)
+    for col in ("peer", "id", "window", "phase", "train loss", "held-out", "sent", "received", "kept", "digest"):
+        table.add_column(col, justify="right" if col not in ("peer", "id", "phase", "digest") else "left")
+    for name, info in zip(names, rows):
+        if info is None:
+            table.add_row(name, "", "", "starting", "", "", "", "", "", "")
+            continue
+        last = next((h for h in reversed(info["history"]) if h.get("heldout_loss") is not None), {})
+        trained = next((h for h in reversed(info["history"]) if h.get("train_loss") is not None), {})
+        acct = info["accounting"]
+        table.add_row(
+            name,
+            info["peer"][:8],
+            str(info["window"]),
+            info["phase"],
+            f"{trained['train_loss']:.3f}" if trained else "",
+            f"{last['heldout_loss']:.3f}" if last else "",
+            _human(acct["bytes_up"]),
+            _human(acct["bytes_down"]),
+            str(info["history"][-1].get("included", "")) if info["history"] else "",
+            info["digest"][:8],
+        )
+    return table
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}TB"
+
+
+def _plot(histories: list[list[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, hist in enumerate(histories):
+        pts = [h for h in hist if h.get("heldout_loss") is not None]
+        xs = [h["window"] + 1 for h in pts]
+        mb = [(h["bytes_up"] + h["bytes_down"]) / 1e6 for h in pts]
+        ys = [h["heldout_loss"] for h in pts]
+        a.plot(xs, ys, marker="o", ms=3, label=f"peer {i}")
+        b.plot(mb, ys, marker="o", ms=3, label=f"peer {i}")
+    a.set_xlabel("windows applied")
+    a.set_ylabel("held-out loss (shared model)")
+    b.set_xlabel("MB communicated by the peer (up + down)")
+    b.set_ylabel("held-out loss")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("locoswarm: SparseLoCo local network")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    console = Console(stderr=args.json)
+    workdir = Path(args.workdir).resolve()
+    _prepare_workdir(workdir, args.keep)
+    store_uri = args.store or f"file://{workdir / 'store'}"
+    manifest = _manifest(args, store_uri)
+    t0 = time.time()
+    with console.status("creating the run: corpus, tokenizer, genesis weights ..."):
+        store = open_store(store_uri, **({"endpoint_url": args.endpoint_url} if args.endpoint_url else {}))
+        manifest = init_run(manifest, store)
+        store.close()
+    manifest_path = workdir / "manifest.toml"
+    manifest_path.write_text(manifest.to_toml())
+    console.print(f"run [bold]{manifest.run_key}[/] in {store_uri} ready in {time.time() - t0:.1f}s")
+
+    base = [sys.executable, "-m", "locoswarm.cli", "peer", "--store", store_uri, "--manifest", str(manifest_path)]
+    if args.endpoint_url:
+        base += ["--endpoint-url", args.endpoint_url]
+    names = [f"peer-{i}" for i in range(args.peers)]
+    procs = []
+    for name in names:
+        cmd = base + ["--workdir", str(workdir / "peers" / name), "--min-peers", str(args.peers),
+                      "--windows", str(args.windows), "--threads", str(args.threads)]
+        procs.append(_spawn(cmd, workdir / "peers" / name / "log.txt"))
+    validators = []
+    for i in range(args.validators):
+        cmd = [sys.executable, "-m", "locoswarm.cli", "validator", "--store", store_uri, "--manifest",
+               str(manifest_path), "--workdir", str(workdir / "validators" / f"validator-{i}"),
+               "--windows", str(args.windows)]
+        validators.append(_spawn(cmd, workdir / "validators" / f"validator-{i}" / "log.txt"))
+
+    progress_files = [workdir / "peers" / n / "progress.json" for n in names]
+    started = time.time()
+    seen: dict[tuple[int, int], bool] = {}
+    try:
+        live = Live(console=console, refresh_per_second=2, transient=False) if console.is_terminal else None
+        if live:
+            live.start()
+        while any(p.poll() is None for p in procs):
+            rows = [read_progress(f) for f in progress_files]
+            if live:
+                live.update(_table(rows, names, time.time() - started, args.windows))
+            else:
+                for i, info in enumerate(rows):
+                    for h in (info or {}).get("history", []):
+                        if h.get("heldout_loss") is not None and (i, h["window"]) not in seen:
+                            seen[(i, h["window"])] = True
+                            console.print(f"{names[i]} window {h['window']:>3}  held-out loss {h['heldout_loss']:.4f}  "
+                                          f"sent {_human(h['bytes_up'])}  digest {h['digest'][:8]}")
+            if time.time() - started > args.timeout:
+                console.print(f"[red]timeout after {args.timeout:.0f}s; stopping peers[/]")
+                break
+            time.sleep(0.5)
+        rows = [read_progress(f) for f in progress_files]
+        if live:
+            live.update(_table(rows, names, time.time() - started, args.windows))
+            live.stop()
+    finally:
+        for p in procs + validators:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs + validators:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    return _summarize(console, args, manifest, workdir, rows, procs, time.time() - t0)
+
+
+def _summarize(console: Console, args, manifest: Manifest, workdir: Path, rows, procs, wall: float) -> int:
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    histories = [r["history"] if r else [] for r in rows]
+    digests = [r["digest"] if r else None for r in rows]
+    heldout = [h for h in (histories[0] if histories else []) if h.get("heldout_loss") is not None]
+    payloads = [h["payload_bytes"] for hist in histories for h in hist if h.get("payload_bytes")]
+    n_params = next((r["params"] for r in rows if r), None)
+    applied = max((r["window"] for r in rows if r), default=0)
+    summary = {
+        "windows": applied,
+        "peers": args.peers,
+        "loss_first": heldout[0]["heldout_loss"] if heldout else None,
+        "loss_last": heldout[-1]["heldout_loss"] if heldout else None,
+        "digests_equal": bool(digests) and None not in digests and len(set(digests)) == 1,
+        "digest": digests[0] if digests else None,
+        "bytes_up_per_peer_per_window": statistics.median(
+            [r["accounting"]["bytes_up"] / max(1, len([h for h in r["history"] if h.get("payload_bytes")])) for r in rows if r]
+        ) if any(rows) else None,
+        "payload_bytes_median": statistics.median(payloads) if payloads else None,
+        "params": n_params,
+        "bits_per_param": (8 * statistics.median(payloads) / n_params) if payloads and n_params else None,
+        "wall_seconds": round(wall, 1),
+        "seconds_per_phase": {
+            k: round(statistics.mean(r["accounting"]["seconds"][k] for r in rows if r), 2)
+            for k in ("compute", "upload", "wait", "download", "aggregate")
+        } if any(rows) else {},
+        "failed_peers": failed,
+        "workdir": str(workdir),
+    }
+    if not args.no_plot and heldout:
+        plot = workdir / "loss.png"
+        _plot(histories, plot)
+        summary["plot"] = str(plot)
+    ok = not failed and summary["digests_equal"] and applied >= args.windows
+    console.print(
+        f"\n[bold]{'done' if ok else 'FAILED'}[/]: {applied} windows, {args.peers} peers, held-out loss "
+        f"{summary['loss_first']} -> {summary['loss_last']}, replicas bit-identical: {summary['digests_equal']}, "
+        f"payload {_human(summary['payload_bytes_median'] or 0)} per peer per window"
+        + (f" ({summary['bits_per_param']:.3f} bits/param)" if summary["bits_per_param"] else "")
+        + (f"\nplot: {summary.get('plot')}" if summary.get("plot") else "")
+        + (f"\nlogs: {workdir}/peers/*/log.txt" if failed else "")
+    )
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0 if ok else 1

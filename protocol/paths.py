@@ -1,0 +1,59 @@
+"""Where each object of a run lives in its store. Every backend and every role uses these.
+
+    manifest.toml                               the run manifest (its hash is the run's identity)
+    data/index.json, data/tokenizer.json, data/shard-NNNNN.npy
+    windows/WWWWWW/payloads/<peer>.lsp          one signed payload per peer and window
+    windows/WWWWWW/close.lsr                    the window's close record (who counts)
+    checkpoints/WWWWWW/weights.safetensors      global weights at the start of window W
+    checkpoints/WWWWWW/meta.json                window, digest, sha256 of the weights file
+    scores/WWWWWW/<validator>.lsr               a validator's signed scores for window W
+"""
+
+from __future__ import annotations
+
+MANIFEST = "manifest.toml"
+PAYLOAD_SUFFIX = ".lsp"
+
+
+def window_dir(window: int) -> str:
+    return f"windows/{window:06d}/"
+
+
+def payload_key(window: int, peer_id: str) -> str:
+    return f"{window_dir(window)}payloads/{peer_id}{PAYLOAD_SUFFIX}"
+
+
+def payloads_prefix(window: int) -> str:
+    return f"{window_dir(window)}payloads/"
+
+
+def peer_of_payload_key(key: str) -> str:
+    return key.rsplit("/", 1)[-1].removesuffix(PAYLOAD_SUFFIX)
+
+
+def close_key(window: int) -> str:
+    return f"{window_dir(window)}close.lsr"
+
+
+def checkpoint_dir(window: int) -> str:
+    return f"checkpoints/{window:06d}/"
+
+
+def checkpoint_weights_key(window: int) -> str:
+    return f"{checkpoint_dir(window)}weights.safetensors"
+
+
+def checkpoint_meta_key(window: int) -> str:
+    return f"{checkpoint_dir(window)}meta.json"
+
+
+def scores_prefix(window: int) -> str:
+    return f"scores/{window:06d}/"
+
+
+def window_of_key(key: str) -> int | None:
+    """The window number a ``windows/``, ``checkpoints/`` or ``scores/`` key belongs to."""
+    parts = key.split("/")
+    if len(parts) >= 2 and parts[0] in ("windows", "checkpoints", "scores") and parts[1].isdigit():
+        return int(parts[1])
+    return None
