@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, load_file, save, save_file
 
 from protocol import paths
@@ -65,8 +66,6 @@ def load_local_state(path: Path) -> LocalState | None:
         return None
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         groups: dict[str, dict[str, torch.Tensor]] = {"w": {}, "o": {}, "e": {}}
@@ -76,7 +75,7 @@ def load_local_state(path: Path) -> LocalState | None:
         return LocalState(
             int(meta["window"]), int(meta["inner_step"]), groups["w"], groups["o"], groups["e"], json.loads(meta["meta"])
         )
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"local state {path} is unreadable: {exc}; move it away to start fresh") from exc
 
 
@@ -123,7 +122,7 @@ def fetch_checkpoint(
         raise CheckpointError(f"checkpoint of window {window} fails its sha256 check")
     try:
         weights = load(blob)
-    except Exception as exc:  # safetensors raises its own SafetensorError on malformed bytes
+    except SafetensorError as exc:
         raise CheckpointError(f"checkpoint of window {window} is not valid safetensors: {exc}") from exc
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if got != expected_shapes:

@@ -1,0 +1,138 @@
+"""Helpers for end-to-end tests: a small run created once, and real peer processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from node.genesis import init_run
+from node.peer import read_progress
+from protocol.manifest import Manifest
+from protocol.stores import open_store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_manifest(**overrides) -> Manifest:
+    """The tiny preset on a small corpus, short windows: a whole network in seconds."""
+    m = Manifest().replace(
+        run__id="test",
+        run__window_seconds=30.0,
+        run__checkpoint_every=2,
+        run__keep_windows=4,
+        tokenizer__vocab_size=512,
+        data__max_chars=400_000,
+        data__seq_len=64,
+        data__batch_size=8,
+        data__eval_sequences=32,
+        inner__steps=6,
+        inner__warmup_steps=6,
+        inner__lr=3e-3,
+    )
+    return m.replace(**overrides) if overrides else m
+
+
+def create_run(root: Path, manifest: Manifest | None = None, store_uri: str | None = None) -> tuple[Manifest, Path]:
+    """Init a run under ``root``; returns the final manifest and the path of its TOML file."""
+    root.mkdir(parents=True, exist_ok=True)
+    uri = store_uri or f"file://{root / 'store'}"
+    manifest = (manifest or small_manifest()).replace(store__uri=uri)
+    with open_store(uri) as store:
+        manifest = init_run(manifest, store)
+    path = root / "manifest.toml"
+    path.write_text(manifest.to_toml())
+    return manifest, path
+
+
+def copy_run(template: Path, dest: Path) -> tuple[Manifest, Path]:
+    """A fresh copy of an initialized run (file store), so tests do not share state."""
+    shutil.copytree(template, dest)
+    manifest = Manifest.load(template / "manifest.toml").replace(store__uri=f"file://{dest / 'store'}")
+    # The store holds the manifest too: rewrite both so the copy is a self-consistent run.
+    (dest / "store" / "manifest.toml").write_text(manifest.to_toml())
+    (dest / "manifest.toml").write_text(manifest.to_toml())
+    return manifest, dest / "manifest.toml"
+
+
+class PeerProcess:
+    """One ``locoswarm peer`` process with its own workdir and log."""
+
+    started: list[PeerProcess] = []
+
+    def __init__(self, root: Path, name: str, manifest_path: Path, store_uri: str, *, windows: int,
+                 min_peers: int, extra: list[str] | None = None, launcher: list[str] | None = None):
+        self.workdir = root / "peers" / name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "log.txt"
+        cmd = (launcher or [sys.executable, "-m", "locoswarm.cli"]) + [
+            "peer", "--store", store_uri, "--manifest", str(manifest_path), "--workdir", str(self.workdir),
+            "--windows", str(windows), "--min-peers", str(min_peers), "--threads", "1", *(extra or []),
+        ]
+        self.cmd = cmd
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                     start_new_session=True)
+        PeerProcess.started.append(self)
+
+    @classmethod
+    def kill_all(cls) -> None:
+        """Test teardown: no peer outlives its test."""
+        for peer in cls.started:
+            peer.kill()
+        cls.started.clear()
+
+    @property
+    def progress(self) -> dict | None:
+        return read_progress(self.workdir / "progress.json")
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"peer did not finish in {timeout}s; log:\n{self.log()}") from None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def final_digest(peer: PeerProcess) -> str:
+    info = peer.progress
+    assert info is not None, peer.log()
+    return info["digest"]
+
+
+def heldout_curve(peer: PeerProcess) -> list[float]:
+    info = peer.progress
+    return [h["heldout_loss"] for h in info["history"] if h.get("heldout_loss") is not None]
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])

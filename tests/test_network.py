@@ -1,0 +1,134 @@
+"""End to end on a file store with real peer processes (tiny preset)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.network import (
+    REPO,
+    PeerProcess,
+    copy_run,
+    create_run,
+    final_digest,
+    heldout_curve,
+    last_json_line,
+    small_manifest,
+    wait_for,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    PeerProcess.kill_all()
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """One initialized run (data, tokenizer, genesis weights), copied by every test."""
+    root = tmp_path_factory.mktemp("template")
+    create_run(root)
+    return root
+
+
+@pytest.fixture
+def run(template, tmp_path):
+    manifest, manifest_path = copy_run(template, tmp_path / "run")
+    return tmp_path / "run", manifest, manifest_path
+
+
+def test_three_peers_learn_together_and_stay_bit_identical(run):
+    root, manifest, mpath = run
+    peers = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=4, min_peers=3) for i in range(3)]
+    for p in peers:
+        assert p.wait(timeout=240) == 0, p.log()
+    digests = {final_digest(p) for p in peers}
+    assert len(digests) == 1
+    curve = heldout_curve(peers[0])
+    assert len(curve) == 5  # genesis + 4 windows
+    assert curve[-1] < curve[0] - 0.3, curve
+    hist = peers[0].progress["history"]
+    assert all(h["included"] == 3 for h in hist[1:]), hist
+
+
+def test_killed_peer_does_not_stop_others_and_resumes(run):
+    root, manifest, mpath = run
+    peers = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=5, min_peers=3) for i in range(3)]
+    victim = peers[2]
+    wait_for(lambda: (victim.progress or {}).get("window", 0) >= 1 and victim.progress["phase"] == "train", 120,
+             "the victim to be training window 1")
+    victim.kill(signal.SIGKILL)
+    for p in peers[:2]:
+        assert p.wait(timeout=300) == 0, p.log()
+    victim.start()
+    assert victim.wait(timeout=240) == 0, victim.log()
+    assert final_digest(victim) == final_digest(peers[0]) == final_digest(peers[1])
+    assert "resumed at window" in victim.log()
+
+
+def test_late_joiner_catches_up_bit_identically(run):
+    root, manifest, mpath = run
+    early = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=3, min_peers=2) for i in range(2)]
+    for p in early:
+        assert p.wait(timeout=240) == 0, p.log()
+    late = PeerProcess(root, "late", mpath, manifest.store.uri, windows=3, min_peers=1)
+    assert late.wait(timeout=120) == 0, late.log()
+    assert final_digest(late) == final_digest(early[0])
+    assert "starting from the published checkpoint of window 2" in late.log()
+    assert "caught up 1 windows" in late.log()
+
+
+def test_peer_with_a_different_manifest_refuses_to_join(run, tmp_path):
+    root, manifest, mpath = run
+    other = tmp_path / "other.toml"
+    other.write_text(manifest.replace(inner__steps=manifest.inner.steps + 1).to_toml())
+    res = subprocess.run(
+        [sys.executable, "-m", "locoswarm.cli", "peer", "--store", manifest.store.uri, "--manifest", str(other),
+         "--workdir", str(tmp_path / "w"), "--windows", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 2
+    assert "ManifestError" in res.stderr
+    assert "differs" in res.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (REPO / ".venv/bin/torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_torchrun_peer_with_two_gloo_ranks_trains_with_a_plain_peer(run):
+    root, manifest, mpath = run
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", "0", "-m", "locoswarm.cli"]
+    multi = PeerProcess(root, "ddp", mpath, manifest.store.uri, windows=3, min_peers=2, launcher=torchrun)
+    plain = PeerProcess(root, "plain", mpath, manifest.store.uri, windows=3, min_peers=2)
+    assert plain.wait(timeout=300) == 0, plain.log()
+    assert multi.wait(timeout=300) == 0, multi.log()
+    assert final_digest(multi) == final_digest(plain)
+    curve = heldout_curve(plain)
+    assert curve[-1] < curve[0]
+    assert all(h["included"] == 2 for h in plain.progress["history"][1:])
+
+
+def test_up_runs_a_local_network_and_prints_a_json_summary(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "locoswarm.cli", "up", "--peers", "2", "--windows", "2", "--workdir",
+         str(tmp_path / "up"), "--steps", "4", "--json", "--manifest", str(_small_manifest_file(tmp_path))],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = last_json_line(res.stdout)
+    assert summary["windows"] == 2 and summary["peers"] == 2
+    assert summary["digests_equal"] is True
+    assert summary["loss_last"] < summary["loss_first"]
+    assert 0 < summary["bytes_up_per_peer_per_window"] < 4 * summary["params"] / 100
+    assert (tmp_path / "up" / "loss.png").stat().st_size > 10_000
+
+
+def _small_manifest_file(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text(small_manifest().to_toml())
+    return path
