@@ -8,8 +8,9 @@ Chunking (SparseLoCo paper, Sec. 3): a 2-D tensor whose both dims divide by ``ti
 into tile x tile blocks (row-major over blocks, row-major inside a block); any other tensor
 is flattened and cut into ``n_chunks = ceil(numel / chunk)`` equal chunks of
 ``chunk_len = ceil(numel / n_chunks)`` elements, the last one padded by fewer than
-``n_chunks`` positions that never hold data. Each chunk keeps ``k = min(topk, chunk_len)``
-values, ``k`` rounded so density never exceeds the configured one for short tensors.
+``n_chunks`` positions that never hold data. Each chunk keeps ``k`` values: ``topk``,
+scaled down to the configured density for short chunks and never more than the last
+chunk's real length (so padding can never be selected).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def tensor_layout(name: str, shape: Sequence[int], cfg: CodecConfig) -> TensorLa
     n_chunks = -(-numel // cfg.chunk)
     chunk_len = -(-numel // n_chunks)
     # Keep the configured density on short chunks (a 128-wide norm keeps 2, not 64).
-    k = max(1, min(cfg.topk, -(-chunk_len * cfg.topk // cfg.chunk)))
+    last_len = numel - (n_chunks - 1) * chunk_len
+    k = max(1, min(cfg.topk, last_len, -(-chunk_len * cfg.topk // cfg.chunk)))
     return TensorLayout(name, shape, False, n_chunks, chunk_len, k)
 
 
