@@ -6,6 +6,13 @@ peer published, or the deadline passed), then either writes the close record its
 reads the one another peer wrote first. ``gather`` fetches and verifies exactly the
 payloads a close record lists. A bad or missing payload costs only that payload: each
 rejection comes back as ``(peer, reason)``, never as an exception out of the window.
+
+Close slots: anyone who can write to the store can put garbage (or a record with a bad
+signature) under ``close.lsr`` before the honest closer does, and ``put_if_absent`` would
+then keep the honest record out forever. So a window has ``CLOSE_SLOTS`` slots
+(``close.lsr``, ``close.1.lsr``, ...): the window's close record is the first slot that
+holds a valid record, and a closer writes into the first slot after the invalid ones.
+Every replica reads the same slots in the same order, so all agree on one record.
 """
 
 from __future__ import annotations
@@ -19,12 +26,35 @@ from dataclasses import dataclass, field
 from node.accounting import Accounting
 from protocol import paths
 from protocol.close import CloseRecord, Included, make_close_record, read_close_record
-from protocol.errors import LocoError, ObjectNotFound, PayloadRejected, StoreError
+from protocol.errors import (
+    LocoError,
+    ObjectNotFound,
+    PayloadRejected,
+    RecordRejected,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+)
 from protocol.identity import Identity
 from protocol.stores.base import Store
 from protocol.wire import Expectation, Payload, decode_payload
 
 log = logging.getLogger(__name__)
+
+CLOSE_SLOTS = 8
+"""Invalid close records one window tolerates before its peers give up on it."""
+MAX_CLOSE_BYTES = 1 << 20
+FETCH_ATTEMPTS = 4
+"""Downloads of one payload after a timeout or an unreachable store, with backoff."""
+
+
+def close_slot_key(window: int, slot: int) -> str:
+    """Key of close slot ``slot`` of ``window``: slot 0 is ``paths.close_key``."""
+    key = paths.close_key(window)
+    if slot == 0:
+        return key
+    stem, dot, ext = key.rpartition(".")
+    return f"{stem}.{slot}{dot}{ext}"
 
 
 @dataclass
@@ -55,6 +85,7 @@ class Exchange:
         self.poll_seconds = poll_seconds
         self.clock = clock
         self.allowed_peers = allowed_peers or (lambda window: None)
+        self._invalid_close: set[str] = set()  # slot keys already reported as invalid
 
     # ------------------------------------------------------------------ publish
     def publish(self, window: int, data: bytes, deadline: float) -> bool:
@@ -80,13 +111,40 @@ class Exchange:
 
     # ------------------------------------------------------------------ close
     def read_close(self, window: int) -> CloseRecord | None:
-        """The window's close record if one exists (a malformed one is reported and raised)."""
+        """The window's close record (the first valid slot), or None while nobody closed it.
+
+        Invalid records are logged once and skipped; ``RecordRejected`` only when every
+        slot holds an invalid record, since then no honest record can be written at all.
+        """
+        for slot in range(CLOSE_SLOTS):
+            record = self._read_slot(window, slot)
+            if record is None:
+                return None
+            if isinstance(record, CloseRecord):
+                return record
+        raise RecordRejected(f"window {window}: all {CLOSE_SLOTS} close slots hold invalid records")
+
+    def _read_slot(self, window: int, slot: int) -> CloseRecord | RecordRejected | None:
+        """One slot: its valid record, the reason it is invalid, or None when it is empty."""
+        key = close_slot_key(window, slot)
         try:
-            data = self.store.get(paths.close_key(window), max_bytes=1 << 20)
+            data = self.store.get(key, max_bytes=MAX_CLOSE_BYTES)
         except ObjectNotFound:
             return None
-        self.acct.bytes_down += len(data)
-        return read_close_record(data, run=self.run_key, window=window)
+        except StoreError as exc:
+            if isinstance(exc, (StoreTimeout, StoreUnavailable)):
+                raise
+            rejected = RecordRejected(f"close record {key} cannot be read: {exc}")
+        else:
+            self.acct.bytes_down += len(data)
+            try:
+                return read_close_record(data, run=self.run_key, window=window)
+            except RecordRejected as exc:
+                rejected = exc
+        if key not in self._invalid_close:
+            self._invalid_close.add(key)
+            log.error("window %d: ignoring the invalid close record %s: %s", window, key, rejected)
+        return rejected
 
     def close(
         self,
@@ -142,14 +200,17 @@ class Exchange:
                 included.append(Included(peer, hashlib.sha256(data).hexdigest(), len(data)))
         record = CloseRecord(window, base_digest, self.clock(), tuple(included))
         blob = make_close_record(self.identity, self.run_key, record)
-        if self.store.put_if_absent(paths.close_key(window), blob):
-            self.acct.bytes_up += len(blob)
-            log.info("window %d: closed with %d payloads", window, len(included))
-            return CloseRecord(window, base_digest, record.closed_at, tuple(included), self.identity.peer_id)
-        closed = self.read_close(window)
-        if closed is None:  # pragma: no cover - a store that loses a put_if_absent winner
-            raise StoreError("close record vanished after a lost put_if_absent", key=paths.close_key(window))
-        return closed
+        for slot in range(CLOSE_SLOTS):
+            if self.store.put_if_absent(close_slot_key(window, slot), blob):
+                self.acct.bytes_up += len(blob)
+                log.info("window %d: closed with %d payloads", window, len(included))
+                return CloseRecord(window, base_digest, record.closed_at, tuple(included), self.identity.peer_id)
+            closed = self._read_slot(window, slot)
+            if isinstance(closed, CloseRecord):
+                return closed
+            if closed is None:  # pragma: no cover - a store that loses a put_if_absent winner
+                raise StoreError("close record vanished after a lost put_if_absent", key=close_slot_key(window, slot))
+        raise RecordRejected(f"window {window}: all {CLOSE_SLOTS} close slots hold invalid records")
 
     # ------------------------------------------------------------------ gather
     def gather(self, record: CloseRecord, expect: Callable[[str], Expectation], gathered: Gathered | None = None) -> Gathered:
@@ -170,22 +231,27 @@ class Exchange:
     ) -> bytes | None:
         key = paths.payload_key(window, peer)
         with self.acct.phase("download"):
-            for attempt in range(4):
+            for attempt in range(FETCH_ATTEMPTS):
                 try:
                     data = self.store.get(key, max_bytes=expectation.max_bytes)
                     break
                 except ObjectNotFound:
                     out.rejected.append((peer, "payload listed but not found in the store"))
                     return None
-                except StoreError as exc:
-                    if attempt == 3:
+                except (StoreTimeout, StoreUnavailable) as exc:
+                    if attempt == FETCH_ATTEMPTS - 1:
                         out.rejected.append((peer, f"payload could not be downloaded: {exc}"))
                         return None
                     time.sleep(0.5 * 2**attempt)
+                except StoreError as exc:  # over the size cap, refused, corrupt: retrying will not help
+                    log.warning("window %d: refused the payload object of %s: %s", window, peer, exc)
+                    out.rejected.append((peer, f"payload refused by the store: {exc}"))
+                    return None
             if peer != self.identity.peer_id:
                 self.acct.bytes_down += len(data)
         digest = hashlib.sha256(data).hexdigest()
         if want is not None and digest != want.sha256:
+            log.warning("window %d: the payload of %s changed after the close record listed it", window, peer)
             out.rejected.append((peer, f"payload sha256 {digest[:12]} differs from the close record's {want.sha256[:12]}"))
             return None
         try:

@@ -1,0 +1,18 @@
+"""Everything two machines of a run must agree on. Imports neither ``node`` nor ``validator``.
+
+- ``manifest.py``     the run manifest (TOML -> frozen dataclasses), its hash is the run's identity
+- ``errors.py``       the one exception tree (drawn in its docstring)
+- ``identity.py``     ed25519 keys and peer ids
+- ``records.py``      small signed msgpack records (close, scores, announcements)
+- ``codec_types.py``  tensor layouts (chunks, tiles, k) and ``CompressedTensor``
+- ``codec.py``        SparseLoCo: top-k per chunk, 2-bit values, error feedback
+- ``indexcode.py``    Elias-Fano coding of in-chunk positions, 2-bit code packing
+- ``wire.py``         the signed payload format and the decoder that trusts nothing
+- ``aggregate.py``    deterministic, streaming aggregation of decoded payloads
+- ``close.py``        the window close record: the one list of payloads that count
+- ``digest.py``       weights digest (exact-sync check)
+- ``paths.py``        where each object of a run lives in a store
+- ``scores.py``       validator score records and the rule combining several validators
+- ``announce.py``     signed "read my objects here" records for per-peer buckets
+- ``stores/``         the store interface and its file, memory, s3 and p2p backends
+"""

@@ -1,0 +1,162 @@
+"""p2p:// with real hivemind DHT nodes and p2pd daemons on 127.0.0.1: churn, hostile records,
+hostile holders, caps, re-announcement and late joiners."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from protocol.errors import IntegrityError, ObjectNotFound, RecordRejected, StoreError, StoreUnavailable
+from protocol.identity import Identity
+from protocol.records import sign_record
+from protocol.stores import open_store
+from protocol.stores.p2p import KIND, P2PStore, parse_record
+
+Factory = Callable[..., P2PStore]
+
+
+def _tamper(store: P2PStore, key: str, data: bytes) -> None:
+    """Make ``store`` serve ``data`` for ``key`` while its DHT record still names the old hash."""
+    with store._held_lock:
+        store._held[key].data = data
+        store._held[key].size = len(data)
+
+
+def _store_raw_record(store: P2PStore, directory: str, name: str, record: bytes) -> bool:
+    """Ask the DHT to store a record exactly as given, bypassing ``put``."""
+    from hivemind.utils.timed_storage import get_dht_time
+
+    coro = store._node.store(store._namespace + directory, record, get_dht_time() + 60, subkey=name)
+    return store._call("raw store", None, coro)
+
+
+def test_peers_keep_working_when_one_of_three_leaves(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    b = p2p_store_factory(initial_peers=a.visible_maddrs)
+    c = p2p_store_factory(initial_peers=a.visible_maddrs + b.visible_maddrs)
+    a.put("w/a", b"from a")
+    b.put("w/b", b"from b")
+    assert c.get("w/a") == b"from a"
+    a.close()
+
+    c.put("w/c", b"from c")
+    assert b.get("w/c") == b"from c"
+    assert c.get("w/b") == b"from b"
+    assert [o.key for o in b.list("w/")] in (["w/a", "w/b", "w/c"], ["w/b", "w/c"])
+    t0 = time.monotonic()
+    with pytest.raises((ObjectNotFound, StoreUnavailable)):
+        b.get("w/a")
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_late_joiner_fetches_objects_from_the_peers_that_hold_them(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    data = b"checkpoint" * 50_000
+    a.put("checkpoints/000004/model.safetensors", data)
+    late = p2p_store_factory(initial_peers=a.visible_maddrs)
+    assert late.get("checkpoints/000004/model.safetensors") == data
+
+
+def test_held_objects_are_reannounced_past_their_ttl(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory(record_ttl=3.0)
+    b = p2p_store_factory(initial_peers=a.visible_maddrs, record_ttl=3.0)
+    a.put("w/kept", b"still here")
+    time.sleep(4.5)  # records expire after 3 s; the holder re-announces every 1 s
+    assert b.get("w/kept") == b"still here"
+
+
+def test_a_record_with_a_bad_signature_is_refused(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    b = p2p_store_factory(initial_peers=a.visible_maddrs)
+    good = sign_record(Identity.from_seed(b"x"), KIND, a.run, {
+        "key": "w/forged", "sha256": "0" * 64, "size": 1, "holder": a.peer_id, "addrs": [],
+        "created_at": time.time(), "deleted": False,
+    })
+    forged = bytearray(good)
+    forged[-1] ^= 1
+    with pytest.raises(RecordRejected, match="signature"):
+        parse_record(bytes(forged), a.run)
+    assert _store_raw_record(a, "w/", "forged", bytes(forged)) is False
+    assert _store_raw_record(a, "w/", "elsewhere", good) is False  # valid, but under the wrong subkey
+    assert _store_raw_record(a, "w/", "forged", b"not a record") is False
+    with pytest.raises(ObjectNotFound):
+        b.get("w/forged")
+    assert b.list("w/") == []
+
+
+def test_a_record_of_another_run_is_refused(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    other = sign_record(Identity.from_seed(b"x"), KIND, "another-run", {
+        "key": "w/k", "sha256": "0" * 64, "size": 1, "holder": a.peer_id, "addrs": [],
+        "created_at": time.time(), "deleted": False,
+    })
+    assert _store_raw_record(a, "w/", "k", other) is False
+
+
+def test_a_holder_serving_wrong_bytes_raises_integrity_error(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    b = p2p_store_factory(initial_peers=a.visible_maddrs)
+    a.put("w/x", b"honest bytes")
+    _tamper(a, "w/x", b"HONEST BYTES")
+    with pytest.raises(IntegrityError, match="sha256"):
+        b.get("w/x")
+
+
+def test_a_holder_offering_more_than_its_record_is_cut_off(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    b = p2p_store_factory(initial_peers=a.visible_maddrs)
+    a.put("w/small", b"ten bytes!")
+    _tamper(a, "w/small", b"\0" * (8 << 20))
+    t0 = time.monotonic()
+    with pytest.raises(IntegrityError, match="record says 10"):
+        b.get("w/small", max_bytes=1 << 30)
+    assert time.monotonic() - t0 < 5
+
+
+def test_the_cap_is_checked_against_the_stream_length(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    b = p2p_store_factory(initial_peers=a.visible_maddrs)
+    a.put("w/small", b"ten bytes!")
+    _tamper(a, "w/small", b"\0" * (8 << 20))
+    with pytest.raises(StoreError, match="over the cap of 1024"):
+        b.get("w/small", max_bytes=1024)
+
+
+def test_objects_over_the_memory_budget_spill_to_disk(p2p_store_factory: Factory, tmp_path: Any) -> None:
+    a = p2p_store_factory(max_memory_bytes=100, spill_dir=str(tmp_path))
+    b = p2p_store_factory(initial_peers=a.visible_maddrs)
+    a.put("w/tiny", b"t" * 50)
+    a.put("w/spilled", b"s" * 1000)
+    assert len(list(tmp_path.iterdir())) == 1
+    assert b.get("w/spilled") == b"s" * 1000
+    assert b.get("w/tiny") == b"t" * 50
+
+
+def test_open_store_builds_a_p2p_store_and_close_is_idempotent(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    b = open_store(f"p2p://{a.run}", initial_peers=a.visible_maddrs, request_timeout=10.0)
+    try:
+        assert isinstance(b, P2PStore) and b.visible_maddrs[0].startswith("/ip4/127.0.0.1/")
+        b.put("w/k", b"v")
+        assert a.get("w/k") == b"v"
+    finally:
+        b.close()
+        b.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        b.get("w/k")
+
+
+def test_unknown_options_are_refused_with_the_known_ones_named() -> None:
+    with pytest.raises(StoreError, match="endpoint_url.*known.*initial_peers"):
+        open_store("p2p://run", endpoint_url="http://127.0.0.1:9000")
+
+
+def test_joining_through_a_dead_peer_fails_with_a_store_error(p2p_store_factory: Factory) -> None:
+    a = p2p_store_factory()
+    maddrs = a.visible_maddrs
+    a.close()
+    with pytest.raises(StoreError):
+        p2p_store_factory(initial_peers=maddrs, startup_timeout=15.0)

@@ -1,0 +1,115 @@
+"""One conformance suite for every store backend: file, memory, s3 (moto server) and p2p.
+
+Each test gets a ``(writer, reader)`` pair. For file, memory and s3 both are the same store;
+for p2p they are two real DHT nodes, so every read goes through the DHT and a libp2p stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.errors import ObjectNotFound, StoreError
+from protocol.stores import Store
+from protocol.stores.file import FileStore
+from protocol.stores.memory import MemoryStore
+
+BACKENDS = ["file", "memory", "s3", "p2p"]
+
+
+@pytest.fixture(params=BACKENDS)
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    if request.param == "file":
+        store: Store = FileStore(tmp_path / "store")
+        yield store, store
+    elif request.param == "memory":
+        store = MemoryStore()
+        yield store, store
+    elif request.param == "s3":
+        make_s3: Callable[..., Any] = request.getfixturevalue("s3_store_factory")
+        store = make_s3()
+        yield store, store
+    else:
+        make_p2p: Callable[..., Any] = request.getfixturevalue("p2p_store_factory")
+        writer = make_p2p()
+        reader = make_p2p(initial_peers=writer.visible_maddrs)
+        yield writer, reader
+
+
+def test_put_then_get_returns_the_same_bytes(pair: tuple[Store, Store]) -> None:
+    writer, reader = pair
+    data = bytes(range(256)) * 300
+    writer.put("windows/000001/payloads/peer-a.lsp", data)
+    assert reader.get("windows/000001/payloads/peer-a.lsp") == data
+    assert reader.exists("windows/000001/payloads/peer-a.lsp")
+
+
+def test_put_overwrites_an_existing_object(pair: tuple[Store, Store]) -> None:
+    writer, reader = pair
+    writer.put("d/obj", b"first")
+    writer.put("d/obj", b"second version")
+    assert reader.get("d/obj") == b"second version"
+
+
+def test_put_if_absent_writes_only_once(pair: tuple[Store, Store]) -> None:
+    writer, reader = pair
+    assert writer.put_if_absent("windows/000002/close", b"winner") is True
+    assert writer.put_if_absent("windows/000002/close", b"loser") is False
+    assert reader.put_if_absent("windows/000002/close", b"late loser") is False
+    assert reader.get("windows/000002/close") == b"winner"
+
+
+def test_list_is_sorted_and_limited_to_the_prefix(pair: tuple[Store, Store]) -> None:
+    writer, reader = pair
+    for key, data in [("d/c", b"333"), ("d/a", b"1"), ("d/b", b"22"), ("e/a", b"x"), ("dd/a", b"y")]:
+        writer.put(key, data)
+    listed = reader.list("d/")
+    assert [(o.key, o.size) for o in listed] == [("d/a", 1), ("d/b", 2), ("d/c", 3)]
+    assert all(o.modified > 0 for o in listed)
+    assert [o.key for o in reader.list("d/b")] == ["d/b"]
+    assert reader.list("nothing/") == []
+
+
+def test_delete_removes_and_is_idempotent(pair: tuple[Store, Store]) -> None:
+    writer, reader = pair
+    writer.put("d/gone", b"bye")
+    writer.delete("d/gone")
+    writer.delete("d/gone")
+    writer.delete("d/never-existed")
+    with pytest.raises(ObjectNotFound):
+        reader.get("d/gone")
+    assert not reader.exists("d/gone")
+    assert reader.list("d/") == []
+
+
+def test_missing_key_raises_object_not_found(pair: tuple[Store, Store]) -> None:
+    _, reader = pair
+    with pytest.raises(ObjectNotFound) as info:
+        reader.get("d/missing")
+    assert info.value.key == "d/missing"
+
+
+def test_get_over_max_bytes_is_refused(pair: tuple[Store, Store]) -> None:
+    writer, reader = pair
+    writer.put("d/big", b"x" * 1000)
+    with pytest.raises(StoreError) as info:
+        reader.get("d/big", max_bytes=999)
+    assert not isinstance(info.value, ObjectNotFound)
+    assert "cap" in str(info.value)
+    assert reader.get("d/big", max_bytes=1000) == b"x" * 1000
+
+
+INVALID_KEYS = ["../escape", "/absolute", "a//b", "a/./b", "a/../b", "", "sp ace", "a/", "é", "k" * 513]
+
+
+def test_invalid_keys_are_refused(pair: tuple[Store, Store]) -> None:
+    writer, reader = pair
+    for key in INVALID_KEYS:
+        with pytest.raises(StoreError):
+            writer.put(key, b"x")
+        with pytest.raises(StoreError):
+            reader.get(key)
+    assert reader.list("") == []
