@@ -37,13 +37,14 @@ from node.inner import InnerLoop
 from node.model import build_model, lm_loss, param_shapes
 from node.replica import Replica
 from protocol import paths
-from protocol.aggregate import aggregate
 from protocol.close import CloseRecord
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import CompressedTensor, model_layout
 from protocol.errors import CheckpointError, ManifestError, ObjectNotFound
 from protocol.identity import Identity
 from protocol.manifest import Manifest
+from protocol.retention import gc_windows, retention_floor
+from protocol.scores import allowed_peers
 from protocol.stores.base import Store
 from protocol.wire import Expectation, encode_payload
 
@@ -99,7 +100,10 @@ class Peer:
             ddp = torch.nn.parallel.DistributedDataParallel(self.model)
         self.inner = InnerLoop(self.model, manifest.inner, ddp_model=ddp)
         self.ef = ErrorFeedback(self.layouts, manifest.codec, node.device)
-        self.exchange = Exchange(store, self.identity, manifest.run_key, self.acct, poll_seconds=node.poll_seconds)
+        self.exchange = Exchange(
+            store, self.identity, manifest.run_key, self.acct, poll_seconds=node.poll_seconds,
+            allowed_peers=self._allowed_peers if manifest.validators.keys else None,
+        )
         self.history: list[dict] = []
         self.last_close: CloseRecord | None = None
         self.replica = self._restore()
@@ -120,16 +124,20 @@ class Peer:
             windows = published_windows(self.store)
             if not windows:
                 raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
-            start = windows[-1]
-            weights, _ = fetch_checkpoint(self.store, start, self.shapes, self.manifest.outer.max_payload_bytes * 64)
-            replica = Replica(weights, start)
-            log.info("starting from the published checkpoint of window %d", start)
+            replica = self._checkpoint_replica(windows[-1])
+            log.info("starting from the published checkpoint of window %d", replica.window)
         else:
             replica = Replica(dict(self.model.named_parameters()), 0)
         if self.world > 1:
             self._broadcast(replica)
         replica.load_into(self.model)
         return replica
+
+    def _checkpoint_replica(self, window: int) -> Replica:
+        """The global weights of a published checkpoint, verified (hash, layout, digest)."""
+        max_bytes = 4 * sum(layout.numel for layout in self.layouts.values()) + (1 << 20)
+        weights, _ = fetch_checkpoint(self.store, window, self.shapes, max_bytes)
+        return Replica(weights, window)
 
     def _broadcast(self, replica: Replica, stop: bool = False) -> bool:
         """Rank 0 sends window, stop flag and global weights to the other ranks."""
@@ -155,6 +163,11 @@ class Peer:
             )
 
         return expectation
+
+    def _allowed_peers(self, window: int) -> set[str] | None:
+        """Whose payloads count in ``window``, from the trusted validators' lagged scores."""
+        v = self.manifest.validators
+        return allowed_peers(self.store, self.manifest.run_key, window, v.score_lag, v.keys, min_weight=v.min_weight)
 
     def _deadline(self) -> float:
         base = self.last_close.closed_at if self.last_close else time.time()
@@ -256,9 +269,9 @@ class Peer:
             log.warning("window %d: payload of %s not aggregated: %s", w, peer, reason)
         self._progress("aggregate", w, train_loss=train_loss)
         with self.acct.phase("aggregate"):
-            contributions = ((p, gathered.accepted[p].tensors) for p in sorted(gathered.accepted))
-            agg = aggregate(contributions, self.layouts, rule=self.manifest.outer.rule, clip=self.manifest.outer.clip)
-            self.replica.apply(agg, self.manifest.outer.lr)
+            self.replica.apply_window(
+                {p: payload.tensors for p, payload in gathered.accepted.items()}, self.layouts, self.manifest.outer
+            )
             self.replica.load_into(self.model)
         self.last_close = close
         heldout = None
@@ -284,6 +297,8 @@ class Peer:
             and publish_checkpoint(self.store, self.replica.window, self.replica.params)
         ):
             log.info("published the checkpoint of window %d", self.replica.window)
+        if close.closer == self.peer_id:  # one peer per window collects garbage: the closer
+            self._collect_garbage()
         self._progress("done", w, train_loss=train_loss)
         return WindowReport(
             w, train_loss, heldout, sorted(gathered.accepted), gathered.rejected, payload_bytes, self.replica.digest.hex()
@@ -292,11 +307,28 @@ class Peer:
     def catch_up(self) -> int:
         """Apply every window that others already closed; returns how many were replayed."""
         n = 0
-        while (close := self.exchange.read_close(self.replica.window)) is not None:
+        while True:
+            close = self.exchange.read_close(self.replica.window)
+            if close is None:
+                if not self._jump_to_checkpoint():
+                    return n
+                continue
             self._progress("catch-up", self.replica.window)
             self._apply(close, self.exchange.gather(close, self._expect(close.window)), train_loss=None, payload_bytes=0)
             n += 1
-        return n
+
+    def _jump_to_checkpoint(self) -> bool:
+        """If the run moved past a checkpoint newer than us, its old windows may be collected:
+        restart from that checkpoint instead of waiting on a window nobody will close."""
+        windows = published_windows(self.store)
+        if not windows or windows[-1] <= self.replica.window:
+            return False
+        log.warning("window %d is gone from the store; jumping to the checkpoint of window %d",
+                    self.replica.window, windows[-1])
+        self.replica = self._checkpoint_replica(windows[-1])
+        self.replica.load_into(self.model)
+        self.last_close = None
+        return True
 
     def run(self) -> None:
         """Catch up, then run windows until ``max_windows`` (or forever)."""
@@ -319,6 +351,12 @@ class Peer:
                     break
             self.run_window()
         self._progress("finished", self.replica.window)
+
+    def _collect_garbage(self) -> None:
+        windows = published_windows(self.store)
+        if windows:
+            floor = retention_floor(self.replica.window, windows[-1], self.manifest.run.keep_windows)
+            gc_windows(self.store, floor)
 
     # ------------------------------------------------------------------ persistence
     def _save(self) -> None:
