@@ -1,0 +1,112 @@
+"""``locoswarm status``: the run's state as any participant can read it from the store."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from node.checkpoint import fetch_checkpoint, published_windows
+from node.data import TokenData, heldout_ids
+from node.model import build_model, lm_loss, param_shapes
+from protocol import paths
+from protocol.close import CloseRecord, read_close_record
+from protocol.errors import LocoError, ObjectNotFound
+from protocol.manifest import Manifest
+from protocol.scores import combine, read_score_record
+from protocol.stores.base import Store
+from protocol.wire import read_header
+
+
+def latest_close(store: Store, run_key: str) -> CloseRecord | None:
+    """The close record of the newest closed window."""
+    windows = sorted({w for o in store.list("windows/") if o.key.endswith("/close.lsr")
+                      for w in [paths.window_of_key(o.key)] if w is not None})
+    for window in reversed(windows):
+        try:
+            return read_close_record(store.get(paths.close_key(window), max_bytes=1 << 20), run=run_key, window=window)
+        except LocoError:
+            continue
+    return None
+
+
+def checkpoint_loss(manifest: Manifest, store: Store) -> tuple[int, float] | None:
+    """Held-out loss of the newest published checkpoint (window, loss)."""
+    windows = published_windows(store)
+    if not windows:
+        return None
+    data = TokenData.load(manifest, store)
+    model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
+    weights, _ = fetch_checkpoint(store, windows[-1], param_shapes(model), 1 << 36)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+        model.eval()
+        ids = heldout_ids(manifest.data.eval_sequences, data)
+        losses = [float(lm_loss(model, data.batch(ids[i : i + 8]))) for i in range(0, len(ids), 8)]
+    return windows[-1], statistics.mean(losses)
+
+
+def run_state(manifest: Manifest, store: Store) -> dict:
+    close = latest_close(store, manifest.run_key)
+    state: dict = {"run": manifest.run_key, "store": store.uri, "window": None, "peers": {}}
+    loss = checkpoint_loss(manifest, store)
+    if loss:
+        state["checkpoint_window"], state["heldout_loss"] = loss
+    if close is None:
+        return state
+    state["window"] = close.window
+    state["closer"] = close.closer
+    for inc in close.included:
+        info = {"payload_bytes": inc.size, "included": True}
+        try:
+            header, _ = read_header(store.get(paths.payload_key(close.window, inc.peer_id), max_bytes=1 << 31),
+                                    max_bytes=1 << 31)
+            info["in_sync"] = header.base_digest == close.base_digest
+            info["tokens"] = header.tokens
+        except (ObjectNotFound, LocoError) as exc:
+            info["in_sync"] = None
+            info["error"] = str(exc)
+        state["peers"][inc.peer_id] = info
+    records = []
+    for window in (close.window, close.window - 1):
+        for obj in store.list(paths.scores_prefix(window)) if window >= 0 else []:
+            try:
+                records.append(read_score_record(store.get(obj.key, max_bytes=1 << 20), manifest.run_key,
+                                                 manifest.validators.keys))
+            except LocoError:
+                continue
+        if records:
+            state["scores_window"] = window
+            break
+    for rec in records:
+        for peer, score in rec.peers.items():
+            state["peers"].setdefault(peer, {"included": False})[f"weight_{rec.validator[:8]}"] = score.weight
+    if records:
+        combined = combine(records, max(1, len(manifest.validators.keys))) or {}
+        for peer, weight in combined.items():
+            state["peers"].setdefault(peer, {"included": False})["weight"] = weight
+    return state
+
+
+def print_status(manifest: Manifest, store: Store, *, as_json: bool) -> int:
+    state = run_state(manifest, store)
+    if as_json:
+        print(json.dumps(state))
+        return 0
+    console = Console()
+    console.print(f"run [bold]{state['run']}[/] in {state['store']}")
+    console.print(f"last closed window: {state['window']}   "
+                  f"held-out loss {state.get('heldout_loss', float('nan')):.4f} "
+                  f"(checkpoint of window {state.get('checkpoint_window')})")
+    table = Table()
+    for col in ("peer", "included", "in sync", "payload", "tokens", "weight"):
+        table.add_column(col)
+    for peer, info in sorted(state["peers"].items()):
+        table.add_row(peer, str(info.get("included")), str(info.get("in_sync", "")), str(info.get("payload_bytes", "")),
+                      str(info.get("tokens", "")), f"{info['weight']:.3f}" if "weight" in info else "")
+    console.print(table)
+    return 0
