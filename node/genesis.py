@@ -17,26 +17,28 @@ log = logging.getLogger(__name__)
 
 
 def init_run(manifest: Manifest, store: Store) -> Manifest:
-    """Write the run's manifest, data and window-0 checkpoint; idempotent for the same manifest.
+    """Write the run's data, window-0 checkpoint and manifest; returns the final manifest.
 
-    A manifest whose ``genesis`` is 0 gets the current time first, so the returned manifest
-    (the one peers must use) may differ from the argument.
+    ``init`` fills in what only it can know: the genesis time (when 0) and the data index
+    hash. Re-running it on a store that already holds the same run returns that run's
+    manifest; a store holding a different run is refused before anything is written.
     """
-    if manifest.run.genesis == 0.0:
-        manifest = manifest.replace(run__genesis=round(time.time(), 3))
     try:
         existing = Manifest.from_bytes(store.get(paths.MANIFEST, max_bytes=1 << 20))
     except ObjectNotFound:
         existing = None
-    if existing is not None and existing.run.id == manifest.run.id and manifest.run.genesis != existing.run.genesis:
-        manifest = manifest.replace(run__genesis=existing.run.genesis)
-    if existing is not None and existing.digest != manifest.digest:
-        raise ManifestError(f"{store.uri} already holds run {existing.run_key}; use another store or run id")
-    store.put_if_absent(paths.MANIFEST, manifest.to_toml().encode())
+    if existing is not None:
+        same = manifest.replace(run__genesis=existing.run.genesis, data__index_sha256=existing.data.index_sha256)
+        if same.digest != existing.digest:
+            raise ManifestError(f"{store.uri} already holds run {existing.run_key}; use another store or run id")
+        return existing
+    if manifest.run.genesis == 0.0:
+        manifest = manifest.replace(run__genesis=round(time.time(), 3))
     t0 = time.perf_counter()
-    prepare(manifest, store)
+    manifest = manifest.replace(data__index_sha256=prepare(manifest, store).digest)
     data = TokenData.load(manifest, store)
     log.info("data ready in %.1fs: %d train / %d held-out sequences", time.perf_counter() - t0, data.n_train, data.n_heldout)
     model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
     publish_checkpoint(store, 0, {n: p.detach() for n, p in model.named_parameters()})
+    store.put_if_absent(paths.MANIFEST, manifest.to_toml().encode())  # last: a run exists once complete
     return manifest

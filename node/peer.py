@@ -50,6 +50,9 @@ from protocol.wire import Expectation, encode_payload
 
 log = logging.getLogger(__name__)
 
+MAX_SCORE_LOOKBACK = 8
+"""Windows a closer looks back for validator scores when the lagged ones are missing."""
+
 
 def check_run_manifest(store: Store, manifest: Manifest) -> None:
     """Refuse to join a store whose run was created with another manifest."""
@@ -165,9 +168,23 @@ class Peer:
         return expectation
 
     def _allowed_peers(self, window: int) -> set[str] | None:
-        """Whose payloads count in ``window``, from the trusted validators' lagged scores."""
+        """Whose payloads count in ``window``, from the trusted validators' lagged scores.
+
+        Called by the closer only, so its answer is fixed in the close record. It waits a
+        little for the scores of ``window - score_lag`` (validators work while peers train),
+        then falls back to the newest earlier scores; None (all count) only before any.
+        """
         v = self.manifest.validators
-        return allowed_peers(self.store, self.manifest.run_key, window, v.score_lag, v.keys, min_weight=v.min_weight)
+        lookup = lambda w: allowed_peers(self.store, self.manifest.run_key, w, v.score_lag, v.keys,  # noqa: E731
+                                         min_weight=v.min_weight)
+        give_up = min(self._deadline(), time.time() + self.manifest.run.window_seconds / 4)
+        while (allowed := lookup(window)) is None and window - v.score_lag >= 0 and time.time() < give_up:
+            time.sleep(self.node.poll_seconds)
+        for earlier in range(window - 1, max(-1, window - 1 - MAX_SCORE_LOOKBACK), -1):
+            if allowed is not None:
+                break
+            allowed = lookup(earlier)
+        return allowed
 
     def _deadline(self) -> float:
         base = self.last_close.closed_at if self.last_close else time.time()

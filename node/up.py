@@ -25,6 +25,7 @@ from rich.table import Table
 
 from node.genesis import init_run
 from node.peer import read_progress
+from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.stores import open_store
 
@@ -128,6 +129,10 @@ def run_up(args: argparse.Namespace) -> int:
     _prepare_workdir(workdir, args.keep)
     store_uri = args.store or f"file://{workdir / 'store'}"
     manifest = _manifest(args, store_uri)
+    validator_dirs = [workdir / "validators" / f"validator-{i}" for i in range(args.validators)]
+    if validator_dirs:  # the run trusts exactly the validators this network starts
+        keys = tuple(Identity.load_or_create(d / "validator.key").public_key.hex() for d in validator_dirs)
+        manifest = manifest.replace(validators__keys=keys)
     t0 = time.time()
     with console.status("creating the run: corpus, tokenizer, genesis weights ..."):
         store = open_store(store_uri, **({"endpoint_url": args.endpoint_url} if args.endpoint_url else {}))
@@ -147,11 +152,10 @@ def run_up(args: argparse.Namespace) -> int:
                       "--windows", str(args.windows), "--threads", str(args.threads)]
         procs.append(_spawn(cmd, workdir / "peers" / name / "log.txt"))
     validators = []
-    for i in range(args.validators):
+    for vdir in validator_dirs:
         cmd = [sys.executable, "-m", "locoswarm.cli", "validator", "--store", store_uri, "--manifest",
-               str(manifest_path), "--workdir", str(workdir / "validators" / f"validator-{i}"),
-               "--windows", str(args.windows)]
-        validators.append(_spawn(cmd, workdir / "validators" / f"validator-{i}" / "log.txt"))
+               str(manifest_path), "--workdir", str(vdir), "--windows", str(args.windows)]
+        validators.append(_spawn(cmd, vdir / "log.txt"))
 
     progress_files = [workdir / "peers" / n / "progress.json" for n in names]
     started = time.time()

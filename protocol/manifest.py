@@ -80,6 +80,9 @@ class DataConfig:
     """Share of sequences reserved for held-out evaluation; never assigned to a peer."""
     eval_sequences: int = 64
     """Held-out sequences used to report the shared model's loss."""
+    index_sha256: str = ""
+    """SHA-256 of the run's data index, set by ``locoswarm init``: pins tokenizer and shards,
+    so nobody who can write to the store can swap the data under a running run."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.heldout_fraction < 0.5:

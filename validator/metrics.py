@@ -1,0 +1,74 @@
+"""Prometheus metrics for any locoswarm process: the metric set and a loopback exporter.
+
+Generic on purpose: it imports nothing else from ``validator`` (nor ``node``), so a peer
+can export the same names as a validator (``node`` may import this module; ``protocol``
+must not). Each process keeps its own ``CollectorRegistry`` rather than the global one, so
+tests and several roles in one process never collide.
+
+Names (all prefixed ``locoswarm_``):
+
+    window                    gauge    the window the process last finished
+    heldout_loss              gauge    loss of the global model on held-out sequences
+    window_bytes              gauge    bytes of all payloads of the last window
+    peers_included            gauge    peers whose payloads counted in the last window
+    peer_weight{peer}         gauge    a validator's weight for each peer
+    payload_bytes{peer}       gauge    size of each peer's last payload object
+    rejections_total{reason}  counter  payloads refused, by check label
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
+
+
+class SwarmMetrics:
+    """The gauges and counters above, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.window = Gauge("locoswarm_window", "Window last finished", registry=registry)
+        self.heldout_loss = Gauge("locoswarm_heldout_loss", "Held-out loss of the global model", registry=registry)
+        self.window_bytes = Gauge("locoswarm_window_bytes", "Bytes of all payloads of the last window", registry=registry)
+        self.peers_included = Gauge("locoswarm_peers_included", "Peers counted in the last window", registry=registry)
+        self.peer_weight = Gauge("locoswarm_peer_weight", "Validator weight of a peer", ["peer"], registry=registry)
+        self.payload_bytes = Gauge("locoswarm_payload_bytes", "Size of a peer's last payload", ["peer"], registry=registry)
+        self.rejections = Counter("locoswarm_rejections", "Payloads refused, by reason", ["reason"], registry=registry)
+
+
+@dataclass
+class MetricsServer:
+    """A running exporter; ``close`` stops it and frees the port."""
+
+    httpd: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.httpd.server_address[0]}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5.0)
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread (port 0: any free).
+
+    Binds to loopback by default; expose it wider only behind a reverse proxy you control.
+    """
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    server = MetricsServer(httpd, thread)
+    log.info("metrics at %s", server.url)
+    return server

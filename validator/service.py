@@ -1,0 +1,218 @@
+"""The validator's main loop: follow the run bit-identically, score every window, publish.
+
+Per window w, after the window's close record exists:
+
+    list every payload published for w -> decode each (typed rejections become verdicts)
+    -> cheap checks (on time, empty, norms, copies) -> evaluate a sample of the passing
+    peers alone on assigned and unassigned data -> ratings -> signed score record
+    -> apply the window exactly as peers do -> held-out loss -> dashboard
+
+Unpredictable but auditable randomness: the unassigned batches and the evaluation sample
+are seeded from the SHA-256 of the window's included payload hashes, which nobody knows
+before every payload is uploaded; anyone can recompute them afterwards. The copy-check
+sample is seeded from the validator's own signature over (run, window), so copiers cannot
+aim at it either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from node.checkpoint import LocalState, fetch_checkpoint, load_local_state, published_windows, save_local_state
+from node.data import TokenData, assigned_batches, heldout_ids, unassigned_batches
+from node.exchange import Exchange
+from node.model import build_model, lm_loss, param_shapes
+from node.accounting import Accounting
+from node.replica import Replica
+from protocol import paths
+from protocol.close import CloseRecord
+from protocol.codec_types import model_layout
+from protocol.errors import CheckpointError, PayloadRejected, StoreError
+from protocol.identity import Identity
+from protocol.manifest import Manifest
+from protocol.scores import make_score_record, score_key
+from protocol.stores.base import Store
+from protocol.wire import Expectation, Payload, decode_payload
+from validator.checks import Submission, Verdict, check_window, verdict_from_rejection
+from validator.dashboard import Dashboard, DashboardState
+from validator.evaluate import evaluate_payload, mean_loss
+from validator.ratings import Ratings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidatorConfig:
+    """A validator's local policy (not part of the protocol)."""
+
+    workdir: Path
+    max_windows: int = 0
+    """Stop after scoring this window; 0 runs until interrupted."""
+    max_evaluations: int = 16
+    """Peers evaluated per window (a sample, chosen unpredictably, when more published)."""
+    assigned_batches: int = 1
+    """Of a peer's H assigned batches, how many to evaluate it on."""
+    unassigned_batches: int = 2
+    poll_seconds: float = 0.3
+
+
+class Validator:
+    def __init__(self, manifest: Manifest, store: Store, cfg: ValidatorConfig, *, identity: Identity,
+                 dashboard: DashboardState | None = None):
+        self.manifest = manifest
+        self.store = store
+        self.cfg = cfg
+        self.identity = identity
+        self.run_key = manifest.run_key
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+        self.data = TokenData.load(manifest, store, cfg.workdir / "cache")
+        self.model = build_model(manifest.model, self.data.vocab_size, manifest.data.seq_len, manifest.run.seed)
+        self.shapes = param_shapes(self.model)
+        self.layouts = model_layout(self.shapes, manifest.codec)
+        self.exchange = Exchange(store, identity, self.run_key, Accounting(), poll_seconds=cfg.poll_seconds)
+        ratings_path = cfg.workdir / "ratings.json"
+        self.ratings = Ratings.load(ratings_path) if ratings_path.exists() else Ratings()
+        self.dashboard = dashboard or DashboardState(self.run_key, identity.peer_id)
+        self.replica = self._restore()
+        self.replica.load_into(self.model)
+
+    @property
+    def state_file(self) -> Path:
+        return self.cfg.workdir / "state.safetensors"
+
+    def _restore(self) -> Replica:
+        state = load_local_state(self.state_file)
+        if state is not None:
+            log.info("validator resumed at window %d", state.window)
+            return Replica(state.weights, state.window)
+        windows = published_windows(self.store)
+        if not windows:
+            raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
+        max_bytes = 4 * sum(layout.numel for layout in self.layouts.values()) + (1 << 20)
+        weights, _ = fetch_checkpoint(self.store, windows[-1], self.shapes, max_bytes)
+        return Replica(weights, windows[-1])
+
+    # ------------------------------------------------------------------ one window
+    def _expect(self, window: int, peer: str) -> Expectation:
+        return Expectation(run=self.run_key, window=window, layouts=self.layouts, codec=self.manifest.codec,
+                           max_bytes=self.manifest.outer.max_payload_bytes, peer_id=peer,
+                           base_digest=self.replica.digest)
+
+    def _decode_all(self, window: int) -> tuple[dict[str, Payload], dict[str, Verdict], dict[str, float], dict[str, int]]:
+        """Every payload published for the window, decoded; refusals become verdicts."""
+        payloads, verdicts, modified, sizes = {}, {}, {}, {}
+        for info in self.store.list(paths.payloads_prefix(window)):
+            if not info.key.endswith(paths.PAYLOAD_SUFFIX):
+                continue
+            peer = paths.peer_of_payload_key(info.key)
+            sizes[peer] = info.size
+            try:
+                data = self.store.get(info.key, max_bytes=self.manifest.outer.max_payload_bytes)
+                payloads[peer] = decode_payload(data, self._expect(window, peer))
+                modified[peer] = info.modified
+            except PayloadRejected as exc:
+                verdicts[peer] = verdict_from_rejection(exc)
+                log.info("window %d: %s rejected: %s", window, peer, exc.reason)
+            except StoreError as exc:
+                verdicts[peer] = Verdict(False, "unavailable", f"payload could not be fetched: {exc}")
+        return payloads, verdicts, modified, sizes
+
+    def _batches(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.stack([self.data.batch(row) for row in ids])
+
+    def score_window(self, close: CloseRecord) -> dict[str, Verdict]:
+        """Check, evaluate and rate every payload of ``close.window``; publish the record."""
+        w = close.window
+        payloads, verdicts, modified, sizes = self._decode_all(w)
+        material = hashlib.sha256(f"{self.run_key}|{w}|".encode() + "".join(i.sha256 for i in close.included).encode()).digest()
+        copy_seed = int.from_bytes(hashlib.sha256(self.identity.sign(f"copies|{self.run_key}|{w}".encode())).digest()[:8], "big")
+        subs = [Submission.of(p, modified[peer]) for peer, p in payloads.items()]
+        grace = self.manifest.run.grace_seconds
+        verdicts.update(check_window(subs, close_time=close.closed_at + grace, seed=copy_seed))
+        passing = sorted(p for p, v in verdicts.items() if v.ok)
+        sample = passing if len(passing) <= self.cfg.max_evaluations else sorted(
+            random.Random(material).sample(passing, self.cfg.max_evaluations))
+        scores, evidence, components = {}, {}, {}
+        if sample:
+            unassigned = self._batches(
+                unassigned_batches(material, self.cfg.unassigned_batches, self.manifest.data.batch_size, self.data))
+            u0 = mean_loss(self.model, unassigned)
+            for peer in sample:
+                ids = assigned_batches(self.manifest.run.seed, w, peer, self.manifest.inner.steps,
+                                       self.manifest.data.batch_size, self.data.n_train)
+                pick = random.Random(material + peer.encode()).sample(range(len(ids)), min(self.cfg.assigned_batches, len(ids)))
+                ev = evaluate_payload(self.model, payloads[peer].tensors, lr=self.manifest.outer.lr,
+                                      scale=1.0 / max(1, len(passing)), assigned=self._batches(ids[sorted(pick)]),
+                                      unassigned=unassigned, unassigned_before=u0)
+                scores[peer], evidence[peer] = ev.score, ev.evidence
+                components[peer] = ev.components()
+        failed = [p for p, v in verdicts.items() if not v.ok]
+        present = [p for p in passing if p not in scores]
+        self.ratings.update(w, scores, evidence=evidence, failed=failed, present=present)
+        table = self.ratings.score_table({p: v.ok for p, v in verdicts.items()}, components)
+        self.store.put(score_key(w, self.identity.peer_id), make_score_record(self.identity, self.run_key, w, table))
+        self.ratings.save(self.cfg.workdir / "ratings.json")
+        for peer, v in verdicts.items():
+            if not v.ok:
+                self.dashboard.record_rejection(peer, v.check, v.reason)
+            else:
+                self.dashboard.update_peer(peer, reason="")
+            self.dashboard.update_peer(peer, in_sync=v.check != "out_of_sync", payload_bytes=sizes.get(peer, 0),
+                                       last_window=w)
+        self.dashboard.record_scores(table)
+        log.info("window %d: scored %d peers; included %s", w, len(table),
+                 sorted(p for p, s in table.items() if s.included))
+        return verdicts
+
+    def step(self, close: CloseRecord) -> dict[str, Verdict]:
+        """Score window ``close.window``, then apply it exactly as the peers did."""
+        if close.base_digest != self.replica.digest:
+            raise CheckpointError(f"window {close.window}: network digest differs from the validator's; "
+                                  f"remove {self.state_file} to resync")
+        verdicts = self.score_window(close)
+        gathered = self.exchange.gather(close, lambda peer: self._expect(close.window, peer))
+        self.replica.apply_window({p: pl.tensors for p, pl in gathered.accepted.items()}, self.layouts,
+                                  self.manifest.outer)
+        self.replica.load_into(self.model)
+        ids = heldout_ids(self.manifest.data.eval_sequences, self.data)
+        bs = self.manifest.data.batch_size
+        heldout = mean_loss(self.model, self._batches(ids[: len(ids) // bs * bs].reshape(-1, bs)), lm_loss)
+        self.dashboard.finish_window(close.window, heldout_loss=heldout,
+                                     payload_bytes={i.peer_id: i.size for i in close.included})
+        save_local_state(self.state_file, LocalState(self.replica.window, 0, self.replica.params, {}, {},
+                                                     {"heldout_loss": heldout}))
+        return verdicts
+
+    def run(self) -> None:
+        while not self.cfg.max_windows or self.replica.window < self.cfg.max_windows:
+            close = self.exchange.read_close(self.replica.window)
+            if close is None:
+                time.sleep(self.cfg.poll_seconds)
+                continue
+            self.step(close)
+
+
+def run_validator(manifest: Manifest, store: Store, args: argparse.Namespace) -> int:
+    """``locoswarm validator``: serve the dashboard and validate until done."""
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(Path(args.key) if args.key else workdir / "validator.key")
+    if identity.public_key.hex() not in {k.lower() for k in manifest.validators.keys}:
+        log.warning("this validator's key %s is not trusted by the run's manifest: peers will ignore its scores",
+                    identity.public_key.hex())
+    state = DashboardState(manifest.run_key, identity.peer_id)
+    with Dashboard(state, host=args.dashboard_host, port=args.dashboard_port).start() as dash:
+        log.info("dashboard at %s", dash.url)
+        (workdir / "dashboard.url").write_text(dash.url)
+        Validator(manifest, store, ValidatorConfig(workdir, max_windows=args.windows), identity=identity,
+                  dashboard=state).run()
+    return 0
