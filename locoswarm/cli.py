@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--key", default=None)
     p.add_argument("--windows", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--dashboard-port", type=int, default=0, help="dashboard port on 127.0.0.1 (0 = any free)")
     p.add_argument("--dashboard-host", default="127.0.0.1")
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default="cpu")
     b.add_argument("--quick", action="store_true", help="a smaller model, for a fast look")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     b = bench.add_parser("convergence", help="SparseLoCo vs DiLoCo vs DDP (+LoCo) vs single at equal tokens")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="finishes in under 10 minutes on 2 CPU cores")
@@ -89,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="convergence.png")
     b.add_argument("--device", default="cpu")
     b = bench.add_parser("wan", help="peers in network namespaces behind tc-limited links (root)")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--windows", type=int, default=3)
+    b.add_argument("--json", action="store_true", help="print JSON lines only (no log output)")
+    b.add_argument("--windows", type=int, default=3, help="windows per method (default 3)")
+    b.add_argument("--compute-seconds", type=float, default=None,
+                   help="pad each window's compute to this many seconds (default: the real inner steps)")
+    b.add_argument("--inner-steps", type=int, default=20, help="H per window (default 20)")
     return parser
 
 

@@ -18,8 +18,10 @@ The prior's ordinal is 0 (weight 0.5); a peer that keeps ranking near the top cl
 ~1, one near the bottom falls towards 0. While a peer is absent, its sigma also grows by
 ``absent_sigma`` per window (capped at the prior), so on return it is re-learned quickly.
 
-A peer is *included* in a window iff its checks passed, its weight is above ``threshold``
-and its evidence average (once it has one) is at least ``min_evidence``.
+A peer is *included* in a window iff its checks passed, its weight is above ``threshold``,
+its evidence average (once it has one) is at least ``min_evidence`` and at least
+``min_relative_evidence`` of the typical peer's, and its last score was
+at least ``min_relative_score`` of the window's median positive score.
 
 State is saved as JSON (atomic replace), so a restarted validator resumes its ratings.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import os
 import tempfile
 from collections.abc import Collection, Mapping
@@ -59,8 +62,12 @@ class PeerRating:
     """Last window in which the peer published anything."""
     inflated_through: int = -1
     """Absence sigma growth has been applied up to this window."""
+    relative_evidence: float | None = None
+    """``evidence_ema`` divided by the median positive ``evidence_ema`` of the peers evaluated
+    in the last window: how much it fits its own data compared with a typical peer."""
     last_score: float | None = None
-    """``Evaluation.score`` in the last window the peer was evaluated; None before."""
+    """``Evaluation.score`` in the last window the peer was evaluated, divided by the median
+    positive score of that window (1.0 = a typical useful update); None before."""
 
     @property
     def ordinal(self) -> float:
@@ -84,6 +91,12 @@ class RatingParams:
     """EMA factor: ema <- (1 - alpha) * ema + alpha * evidence."""
     min_evidence: float = 0.0
     """Evidence average below which a peer is not included."""
+    min_relative_evidence: float = 0.3
+    """Evidence average needed, as a fraction of the typical peer's: a peer that trains on
+    data it was not assigned helps everyone's data alike and falls below this."""
+    min_relative_score: float = 0.25
+    """A peer's last score must be at least this fraction of the window's median positive
+    score: an update that barely helps (noise on the right coordinates) is not included."""
     absent_grace: int = 2
     """Windows a peer may miss before its weight decays."""
     absent_decay: float = 0.7
@@ -145,13 +158,20 @@ class Ratings:
                 self.peers[p].mu, self.peers[p].sigma = new.mu, new.sigma
         for p in order:
             self._get(p).rated_windows += 1
+        typical = statistics.median(ranked.values()) if ranked else 1.0
         for p, value in scores.items():
-            self._get(p).last_score = value if math.isfinite(value) else -math.inf
+            self._get(p).last_score = value / typical if math.isfinite(value) else -math.inf
         for p, ev in (evidence or {}).items():
             if math.isfinite(ev):
                 st = self._get(p)
                 a = self.params.evidence_alpha
                 st.evidence_ema = ev if st.evidence_ema is None else (1 - a) * st.evidence_ema + a * ev
+        emas = [self.peers[p].evidence_ema for p in (evidence or {}) if (self.peers[p].evidence_ema or 0) > 0]
+        if emas:
+            typical_evidence = statistics.median(emas)
+            for p in evidence or {}:
+                if self.peers[p].evidence_ema is not None:
+                    self.peers[p].relative_evidence = self.peers[p].evidence_ema / typical_evidence
         for p in set(order) | set(present) | set(evidence or {}):
             self._get(p).last_seen = window
         self.window = window
@@ -185,11 +205,14 @@ class Ratings:
 
     def included(self, peer: str, checks_passed: bool) -> bool:
         """Include iff checks passed, weight > threshold, the evidence average is not too low,
-        and the last evaluated update did not raise the loss (a provisional weight alone
-        must not let a harmful newcomer in)."""
+        and the last evaluated update helped about as much as a typical one (a provisional
+        weight alone must not let a harmful or useless newcomer in)."""
         st = self.peers.get(peer)
-        evidence_ok = st is None or st.evidence_ema is None or st.evidence_ema >= self.params.min_evidence
-        helped = st is None or st.last_score is None or st.last_score > 0
+        evidence_ok = st is None or st.evidence_ema is None or (
+            st.evidence_ema >= self.params.min_evidence
+            and (st.relative_evidence is None or st.relative_evidence >= self.params.min_relative_evidence)
+        )
+        helped = st is None or st.last_score is None or st.last_score >= self.params.min_relative_score
         return checks_passed and evidence_ok and helped and self.weight(peer) > self.params.threshold
 
     def score_table(

@@ -59,9 +59,9 @@ class ValidatorConfig:
     """Stop after scoring this window; 0 runs until interrupted."""
     max_evaluations: int = 16
     """Peers evaluated per window (a sample, chosen unpredictably, when more published)."""
-    assigned_batches: int = 1
-    """Of a peer's H assigned batches, how many to evaluate it on."""
-    unassigned_batches: int = 2
+    assigned_batches: int = 4
+    """Of a peer's H assigned batches, how many to evaluate it on (more = less noisy evidence)."""
+    unassigned_batches: int = 4
     poll_seconds: float = 0.3
 
 
@@ -205,12 +205,14 @@ def run_validator(manifest: Manifest, store: Store, args: argparse.Namespace) ->
     """``locoswarm validator``: serve the dashboard and validate until done."""
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     identity = Identity.load_or_create(Path(args.key) if args.key else workdir / "validator.key")
     if identity.public_key.hex() not in {k.lower() for k in manifest.validators.keys}:
         log.warning("this validator's key %s is not trusted by the run's manifest: peers will ignore its scores",
                     identity.public_key.hex())
     state = DashboardState(manifest.run_key, identity.peer_id)
-    with Dashboard(state, host=args.dashboard_host, port=args.dashboard_port).start() as dash:
+    with Dashboard(state, host=args.dashboard_host, port=args.dashboard_port) as dash:
         log.info("dashboard at %s", dash.url)
         (workdir / "dashboard.url").write_text(dash.url)
         Validator(manifest, store, ValidatorConfig(workdir, max_windows=args.windows), identity=identity,
