@@ -154,7 +154,8 @@ def run_up(args: argparse.Namespace) -> int:
     validators = []
     for vdir in validator_dirs:
         cmd = [sys.executable, "-m", "locoswarm.cli", "validator", "--store", store_uri, "--manifest",
-               str(manifest_path), "--workdir", str(vdir), "--windows", str(args.windows)]
+               str(manifest_path), "--workdir", str(vdir), "--windows", str(args.windows),
+               "--threads", str(args.threads)]
         validators.append(_spawn(cmd, vdir / "log.txt"))
 
     progress_files = [workdir / "peers" / n / "progress.json" for n in names]
@@ -194,11 +195,12 @@ def run_up(args: argparse.Namespace) -> int:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
-    return _summarize(console, args, manifest, workdir, rows, procs, time.time() - t0)
+    return _summarize(console, args, workdir, rows, procs, validators, time.time() - t0)
 
 
-def _summarize(console: Console, args, manifest: Manifest, workdir: Path, rows, procs, wall: float) -> int:
+def _summarize(console: Console, args, workdir: Path, rows, procs, validators, wall: float) -> int:
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    failed_validators = [i for i, p in enumerate(validators) if p.returncode not in (0, -signal.SIGTERM)]
     histories = [r["history"] if r else [] for r in rows]
     digests = [r["digest"] if r else None for r in rows]
     heldout = [h for h in (histories[0] if histories else []) if h.get("heldout_loss") is not None]
@@ -224,13 +226,14 @@ def _summarize(console: Console, args, manifest: Manifest, workdir: Path, rows, 
             for k in ("compute", "upload", "wait", "download", "aggregate")
         } if any(rows) else {},
         "failed_peers": failed,
+        "failed_validators": failed_validators,
         "workdir": str(workdir),
     }
     if not args.no_plot and heldout:
         plot = workdir / "loss.png"
         _plot(histories, plot)
         summary["plot"] = str(plot)
-    ok = not failed and summary["digests_equal"] and applied >= args.windows
+    ok = not failed and not failed_validators and summary["digests_equal"] and applied >= args.windows
     console.print(
         f"\n[bold]{'done' if ok else 'FAILED'}[/]: {applied} windows, {args.peers} peers, held-out loss "
         f"{summary['loss_first']} -> {summary['loss_last']}, replicas bit-identical: {summary['digests_equal']}, "
@@ -238,6 +241,7 @@ def _summarize(console: Console, args, manifest: Manifest, workdir: Path, rows, 
         + (f" ({summary['bits_per_param']:.3f} bits/param)" if summary["bits_per_param"] else "")
         + (f"\nplot: {summary.get('plot')}" if summary.get("plot") else "")
         + (f"\nlogs: {workdir}/peers/*/log.txt" if failed else "")
+        + (f"\nvalidator logs: {workdir}/validators/*/log.txt" if failed_validators else "")
     )
     if args.json:
         print(json.dumps(summary), flush=True)
