@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create a run in a store: manifest, tokenizer, data, genesis weights")
     _add_store_args(p)
     p.add_argument("--out-manifest", help="also write the final manifest (genesis time set) here")
+    p.add_argument("--create-bucket", action="store_true", help="s3: create the bucket if it does not exist")
+    p.add_argument("--serve", action="store_true",
+                   help="keep serving the store's objects until stopped (a p2p run's seed)")
+    p.add_argument("--addrs-file", help="with --serve: write the multiaddrs peers bootstrap from here (JSON)")
 
     p = sub.add_parser("peer", help="run one peer of a run")
     _add_store_args(p)
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-peers", type=int, default=1, help="window 0 waits for this many peers")
     p.add_argument("--windows", type=int, default=0, help="stop after this window (0 = run forever)")
     p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation every N windows (0 = never)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
 
     p = sub.add_parser("inspect", help="show what a payload file holds, or why it is rejected (exit 2)")
     p.add_argument("file")

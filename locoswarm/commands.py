@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 from protocol import paths
 from protocol.errors import ManifestError, ObjectNotFound
+from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.stores import open_store
 from protocol.stores.base import Store
@@ -37,17 +42,25 @@ def store_options(manifest: Manifest | None, args: argparse.Namespace) -> dict:
     if not args.store.startswith("s3://"):
         for key in ("endpoint_url", "region", "addressing_style", "profile"):
             opts.pop(key, None)
-    if not args.store.startswith("p2p://"):
+    if args.store.startswith("p2p://"):
+        opts.pop("retries", None)  # libp2p streams time out per chunk instead
+    else:
         opts.pop("initial_peers", None)
     if args.store.startswith("file://") or args.store.startswith("memory://"):
         opts = {}
     return opts
 
 
-def open_run(args: argparse.Namespace) -> tuple[Manifest, Store]:
-    """The run's manifest and its store; a --manifest must match the store's own."""
+def open_run(args: argparse.Namespace, identity: Identity | None = None) -> tuple[Manifest, Store]:
+    """The run's manifest and its store; a --manifest must match the store's own.
+
+    ``identity`` signs what a p2p store announces on our behalf (other stores ignore it).
+    """
     local = Manifest.load(args.manifest) if args.manifest else None
-    store = open_store(args.store, **store_options(local, args))
+    opts = store_options(local, args)
+    if identity is not None and args.store.startswith("p2p://"):
+        opts["identity"] = identity
+    store = open_store(args.store, **opts)
     try:
         theirs = Manifest.from_bytes(store.get(paths.MANIFEST, max_bytes=1 << 20))
     except ObjectNotFound:
@@ -64,17 +77,26 @@ def run_command(args: argparse.Namespace) -> int:
         from node.genesis import init_run
 
         manifest = Manifest.load(args.manifest) if args.manifest else Manifest()
-        store = open_store(args.store, **store_options(manifest, args))
-        final = init_run(manifest.replace(store__uri=args.store), store)
-        if args.out_manifest:
-            Path(args.out_manifest).write_text(final.to_toml())
-        print(f"run {final.run_key} ready in {args.store}")
+        opts = store_options(manifest, args)
+        if args.create_bucket and args.store.startswith("s3://"):
+            opts["create_bucket"] = True
+        store = open_store(args.store, **opts)
+        try:
+            final = init_run(manifest.replace(store__uri=args.store), store)
+            if args.out_manifest:
+                _write_atomically(Path(args.out_manifest), final.to_toml())
+            print(f"run {final.run_key} ready in {args.store}", flush=True)
+            if args.serve:
+                _serve(store, args.addrs_file)
+        finally:
+            store.close()
         return 0
     if args.command == "peer":
         from node.config import NodeConfig
         from node.peer import Peer
 
-        manifest, store = open_run(args)
+        identity = Identity.load_or_create(Path(args.key) if args.key else Path(args.workdir) / "peer.key")
+        manifest, store = open_run(args, identity)
         node = NodeConfig(
             workdir=Path(args.workdir),
             key_path=Path(args.key) if args.key else None,
@@ -83,9 +105,15 @@ def run_command(args: argparse.Namespace) -> int:
             min_peers=args.min_peers,
             max_windows=args.windows,
             eval_every=args.eval_every,
+            metrics_port=args.metrics_port,
         )
         with store:
             Peer(manifest, store, node).run()
+            if args.store.startswith("p2p://"):
+                # Our last payload and close record live only in this process: keep serving
+                # them while slower peers finish the window.
+                log.info("serving our objects for %.0fs more", manifest.run.window_seconds)
+                time.sleep(manifest.run.window_seconds)
         return 0
     if args.command == "status":
         from node.status import print_status
@@ -108,3 +136,22 @@ def run_command(args: argparse.Namespace) -> int:
         with store:
             return run_validator(manifest, store, args)
     raise SystemExit(f"unknown command {args.command}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _serve(store: Store, addrs_file: str | None) -> None:
+    """Keep the store open (a p2p store serves the run's objects from this process) until
+    SIGTERM or Ctrl-C. Where others can reach it is printed, and written to ``addrs_file``."""
+    addrs = list(getattr(store, "visible_maddrs", []))
+    if addrs_file:
+        _write_atomically(Path(addrs_file), json.dumps(addrs))
+    print(json.dumps({"serving": store.uri, "initial_peers": addrs}), flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass

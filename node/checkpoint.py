@@ -94,15 +94,30 @@ def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tenso
     return wrote
 
 
-def published_windows(store: Store) -> list[int]:
-    """Windows that have a complete published checkpoint (meta present), ascending."""
-    out = set()
-    for obj in store.list("checkpoints/"):
-        if obj.key.endswith("/meta.json"):
-            w = paths.window_of_key(obj.key)
-            if w is not None:
-                out.add(w)
-    return sorted(out)
+def latest_checkpoint(store: Store, every: int) -> int | None:
+    """The newest window with a published checkpoint, or None.
+
+    Lists ``checkpoints/`` when the store can list that deep; a store whose listing is one
+    level deep (p2p) is probed at multiples of ``every`` (galloping, then bisecting), which
+    relies on checkpoints never being deleted.
+    """
+    listed = {paths.window_of_key(o.key) for o in store.list("checkpoints/") if o.key.endswith("/meta.json")}
+    listed.discard(None)
+    if listed:
+        return max(listed)
+
+    def published(k: int) -> bool:
+        return store.exists(paths.checkpoint_meta_key(k * every))
+
+    if not published(0):
+        return None
+    lo, hi = 0, 1
+    while published(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if published(mid) else (lo, mid)
+    return lo * every
 
 
 def fetch_checkpoint(

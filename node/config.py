@@ -26,6 +26,8 @@ class NodeConfig:
     eval_every: int = 1
     """Evaluate the shared model's held-out loss every this many windows; 0 never."""
     publish_checkpoints: bool = True
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on 127.0.0.1 at this port (0 = any free port); None = off."""
 
     def __post_init__(self) -> None:
         if self.min_peers < 1:

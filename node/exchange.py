@@ -113,9 +113,19 @@ class Exchange:
     def read_close(self, window: int) -> CloseRecord | None:
         """The window's close record (the first valid slot), or None while nobody closed it.
 
-        Invalid records are logged once and skipped; ``RecordRejected`` only when every
-        slot holds an invalid record, since then no honest record can be written at all.
+        None also when the store cannot be reached right now (logged): callers then train
+        and publish as if the window were open, and ``close`` waits the outage out and
+        finds the record there if someone closed the window meanwhile. Invalid records are
+        logged once and skipped; ``RecordRejected`` only when every slot holds an invalid
+        record, since then no honest record can be written at all.
         """
+        try:
+            return self._first_valid_close(window)
+        except (StoreTimeout, StoreUnavailable) as exc:
+            log.warning("window %d: store unreachable while reading the close record: %s", window, exc)
+            return None
+
+    def _first_valid_close(self, window: int) -> CloseRecord | None:
         for slot in range(CLOSE_SLOTS):
             record = self._read_slot(window, slot)
             if record is None:
@@ -131,9 +141,9 @@ class Exchange:
             data = self.store.get(key, max_bytes=MAX_CLOSE_BYTES)
         except ObjectNotFound:
             return None
-        except StoreError as exc:
-            if isinstance(exc, (StoreTimeout, StoreUnavailable)):
-                raise
+        except (StoreTimeout, StoreUnavailable):
+            raise
+        except StoreError as exc:  # over the size cap, refused, corrupt: as invalid as a bad signature
             rejected = RecordRejected(f"close record {key} cannot be read: {exc}")
         else:
             self.acct.bytes_down += len(data)
@@ -166,7 +176,7 @@ class Exchange:
         with self.acct.phase("wait"):
             while True:
                 try:
-                    existing = self.read_close(window)
+                    existing = self._first_valid_close(window)
                     if existing is not None:
                         break
                     present = {

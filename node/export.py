@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from node.checkpoint import fetch_checkpoint, published_windows
+from node.checkpoint import fetch_checkpoint, latest_checkpoint
 from node.data import TokenData
 from node.model import build_model, export_hf, param_shapes
 from protocol.errors import CheckpointError
@@ -17,12 +17,12 @@ from protocol.stores.base import Store
 
 def export_latest(manifest: Manifest, store: Store, out: Path) -> int:
     """Write the latest checkpoint to ``out`` (safetensors + tokenizer); returns its window."""
-    windows = published_windows(store)
-    if not windows:
+    window = latest_checkpoint(store, manifest.run.checkpoint_every)
+    if window is None:
         raise CheckpointError(f"no published checkpoint in {store.uri}")
     data = TokenData.load(manifest, store)
     model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
-    weights, _ = fetch_checkpoint(store, windows[-1], param_shapes(model), 1 << 36)
+    weights, _ = fetch_checkpoint(store, window, param_shapes(model), 1 << 36)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights[name])
@@ -30,4 +30,4 @@ def export_latest(manifest: Manifest, store: Store, out: Path) -> int:
         tok = Path(tmp) / "tokenizer.json"
         tok.write_bytes(data.tokenizer_json)
         export_hf(model, str(tok), str(out))
-    return windows[-1]
+    return window

@@ -20,27 +20,29 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry
 
 from node.accounting import Accounting
 from node.checkpoint import (
     LocalState,
     fetch_checkpoint,
+    latest_checkpoint,
     load_local_state,
     publish_checkpoint,
-    published_windows,
     save_local_state,
 )
 from node.config import NodeConfig
 from node.data import TokenData, assigned_batches, heldout_ids
 from node.exchange import Exchange, Gathered
 from node.inner import InnerLoop
+from node.metrics import SwarmMetrics, start_metrics_server
 from node.model import build_model, lm_loss, param_shapes
 from node.replica import Replica
 from protocol import paths
 from protocol.close import CloseRecord
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import CompressedTensor, model_layout
-from protocol.errors import CheckpointError, ManifestError, ObjectNotFound
+from protocol.errors import CheckpointError, ManifestError, ObjectNotFound, StoreError
 from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.retention import gc_windows, retention_floor
@@ -108,6 +110,7 @@ class Peer:
             allowed_peers=self._allowed_peers if manifest.validators.keys else None,
         )
         self.history: list[dict] = []
+        self.metrics = SwarmMetrics(CollectorRegistry())
         self.last_close: CloseRecord | None = None
         self.replica = self._restore()
 
@@ -124,10 +127,10 @@ class Peer:
             self.history = state.meta.get("history", [])
             log.info("resumed at window %d from %s", replica.window, self.node.state_file)
         elif self.leader:
-            windows = published_windows(self.store)
-            if not windows:
+            window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
+            if window is None:
                 raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
-            replica = self._checkpoint_replica(windows[-1])
+            replica = self._checkpoint_replica(window)
             log.info("starting from the published checkpoint of window %d", replica.window)
         else:
             replica = Replica(dict(self.model.named_parameters()), 0)
@@ -307,19 +310,37 @@ class Peer:
             "time": time.time(),
         }
         self.history.append(entry)
+        self._export_metrics(entry, close, gathered)
         self._save()
-        if (
-            self.node.publish_checkpoints
-            and self.replica.window % self.manifest.run.checkpoint_every == 0
-            and publish_checkpoint(self.store, self.replica.window, self.replica.params)
-        ):
-            log.info("published the checkpoint of window %d", self.replica.window)
-        if close.closer == self.peer_id:  # one peer per window collects garbage: the closer
-            self._collect_garbage()
+        try:
+            if (
+                self.node.publish_checkpoints
+                and self.replica.window % self.manifest.run.checkpoint_every == 0
+                and publish_checkpoint(self.store, self.replica.window, self.replica.params)
+            ):
+                log.info("published the checkpoint of window %d", self.replica.window)
+            if close.closer == self.peer_id:  # one peer per window collects garbage: the closer
+                self._collect_garbage()
+        except StoreError as exc:  # any replica can publish it; the next closer collects
+            log.warning("window %d: checkpoint or garbage collection skipped: %s", w, exc)
         self._progress("done", w, train_loss=train_loss)
         return WindowReport(
             w, train_loss, heldout, sorted(gathered.accepted), gathered.rejected, payload_bytes, self.replica.digest.hex()
         )
+
+    def _export_metrics(self, entry: dict, close: CloseRecord, gathered: Gathered) -> None:
+        m = self.metrics
+        m.window.set(entry["window"])
+        if entry["heldout_loss"] is not None:
+            m.heldout_loss.set(entry["heldout_loss"])
+        m.peers_included.set(entry["included"])
+        m.window_bytes.set(sum(i.size for i in close.included))
+        for inc in close.included:
+            m.payload_bytes.labels(peer=inc.peer_id).set(inc.size)
+        for _, reason in gathered.rejected:
+            m.rejections.labels(reason=reason.split(":")[0][:40]).inc()
+        m.bytes_sent.set(self.acct.bytes_up)
+        m.bytes_received.set(self.acct.bytes_down)
 
     def catch_up(self) -> int:
         """Apply every window that others already closed; returns how many were replayed."""
@@ -337,18 +358,29 @@ class Peer:
     def _jump_to_checkpoint(self) -> bool:
         """If the run moved past a checkpoint newer than us, its old windows may be collected:
         restart from that checkpoint instead of waiting on a window nobody will close."""
-        windows = published_windows(self.store)
-        if not windows or windows[-1] <= self.replica.window:
+        window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
+        if window is None or window <= self.replica.window:
             return False
         log.warning("window %d is gone from the store; jumping to the checkpoint of window %d",
-                    self.replica.window, windows[-1])
-        self.replica = self._checkpoint_replica(windows[-1])
+                    self.replica.window, window)
+        self.replica = self._checkpoint_replica(window)
         self.replica.load_into(self.model)
         self.last_close = None
         return True
 
     def run(self) -> None:
         """Catch up, then run windows until ``max_windows`` (or forever)."""
+        server = None
+        if self.leader and self.node.metrics_port is not None:
+            server = start_metrics_server(self.node.metrics_port, self.metrics.registry)
+            (self.node.workdir / "metrics.url").write_text(server.url)
+        try:
+            self._run()
+        finally:
+            if server is not None:
+                server.close()
+
+    def _run(self) -> None:
         if self.leader:
             if not self.history:
                 self.history.append(
@@ -370,10 +402,9 @@ class Peer:
         self._progress("finished", self.replica.window)
 
     def _collect_garbage(self) -> None:
-        windows = published_windows(self.store)
-        if windows:
-            floor = retention_floor(self.replica.window, windows[-1], self.manifest.run.keep_windows)
-            gc_windows(self.store, floor)
+        window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
+        if window is not None:
+            gc_windows(self.store, retention_floor(self.replica.window, window, self.manifest.run.keep_windows))
 
     # ------------------------------------------------------------------ persistence
     def _save(self) -> None:

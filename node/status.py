@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from node.checkpoint import fetch_checkpoint, published_windows
+from node.checkpoint import fetch_checkpoint, latest_checkpoint
 from node.data import TokenData, heldout_ids
 from node.model import build_model, lm_loss, param_shapes
 from protocol import paths
@@ -35,19 +35,19 @@ def latest_close(store: Store, run_key: str) -> CloseRecord | None:
 
 def checkpoint_loss(manifest: Manifest, store: Store) -> tuple[int, float] | None:
     """Held-out loss of the newest published checkpoint (window, loss)."""
-    windows = published_windows(store)
-    if not windows:
+    window = latest_checkpoint(store, manifest.run.checkpoint_every)
+    if window is None:
         return None
     data = TokenData.load(manifest, store)
     model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
-    weights, _ = fetch_checkpoint(store, windows[-1], param_shapes(model), 1 << 36)
+    weights, _ = fetch_checkpoint(store, window, param_shapes(model), 1 << 36)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights[name])
         model.eval()
         ids = heldout_ids(manifest.data.eval_sequences, data)
         losses = [float(lm_loss(model, data.batch(ids[i : i + 8]))) for i in range(0, len(ids), 8)]
-    return windows[-1], statistics.mean(losses)
+    return window, statistics.mean(losses)
 
 
 def run_state(manifest: Manifest, store: Store) -> dict:

@@ -135,7 +135,8 @@ def run_up(args: argparse.Namespace) -> int:
         manifest = manifest.replace(validators__keys=keys)
     t0 = time.time()
     with console.status("creating the run: corpus, tokenizer, genesis weights ..."):
-        store = open_store(store_uri, **({"endpoint_url": args.endpoint_url} if args.endpoint_url else {}))
+        options = {"endpoint_url": args.endpoint_url, "create_bucket": True} if store_uri.startswith("s3://") else {}
+        store = open_store(store_uri, **{k: v for k, v in options.items() if v is not None})
         manifest = init_run(manifest, store)
         store.close()
     manifest_path = workdir / "manifest.toml"

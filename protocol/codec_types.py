@@ -23,7 +23,6 @@ import torch
 
 from protocol.manifest import CodecConfig
 
-
 LEVELS: tuple[float, float] = (0.5, 1.0)
 """Magnitudes of the two 2-bit levels relative to a chunk's scale (low, high)."""
 

@@ -15,7 +15,13 @@ from typing import Any
 import msgpack
 
 from protocol.errors import RecordRejected
-from protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
+from protocol.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    Identity,
+    peer_id_of,
+    verify,
+)
 
 MAGIC = b"LSR1"
 MAX_RECORD_BYTES = 1 << 20

@@ -29,7 +29,13 @@ from typing import Any
 import msgpack
 import torch
 
-from protocol.codec_types import LEVELS, SCALE_STEPS_PER_OCTAVE, CompressedTensor, TensorLayout, tensor_layout
+from protocol.codec_types import (
+    LEVELS,
+    SCALE_STEPS_PER_OCTAVE,
+    CompressedTensor,
+    TensorLayout,
+    tensor_layout,
+)
 from protocol.errors import (
     BadSignature,
     LayoutMismatch,
@@ -41,7 +47,14 @@ from protocol.errors import (
     WrongRun,
     WrongWindow,
 )
-from protocol.identity import PEER_ID_HEX_CHARS, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
+from protocol.identity import (
+    PEER_ID_HEX_CHARS,
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    Identity,
+    peer_id_of,
+    verify,
+)
 from protocol.indexcode import (
     CorruptSection,
     check_indices,

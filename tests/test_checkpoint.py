@@ -8,9 +8,9 @@ import torch
 from node.checkpoint import (
     LocalState,
     fetch_checkpoint,
+    latest_checkpoint,
     load_local_state,
     publish_checkpoint,
-    published_windows,
     save_local_state,
 )
 from protocol import paths
@@ -48,7 +48,7 @@ def test_published_checkpoint_is_verified_on_fetch():
     w = _weights()
     assert publish_checkpoint(store, 5, w)
     assert not publish_checkpoint(store, 5, _weights(1))  # first one wins
-    assert published_windows(store) == [5]
+    assert latest_checkpoint(store, every=5) == 5
     shapes = {k: tuple(v.shape) for k, v in w.items()}
     got, digest = fetch_checkpoint(store, 5, shapes, 1 << 20)
     assert digest == weights_digest(w)
@@ -70,3 +70,18 @@ def test_tampered_or_misshapen_checkpoint_is_refused():
     with pytest.raises(CheckpointError, match="missing"):
         fetch_checkpoint(store, 3, shapes, 1 << 20)
     assert meta["window"] == 2
+
+
+class OneLevelStore(MemoryStore):
+    """Lists one directory level only, as the p2p store does."""
+
+    def list(self, prefix: str = ""):
+        return [o for o in super().list(prefix) if "/" not in o.key[len(prefix):]]
+
+
+def test_latest_checkpoint_is_found_by_probing_when_listing_is_shallow():
+    store = OneLevelStore()
+    assert latest_checkpoint(store, every=3) is None
+    for w in range(0, 40, 3):
+        publish_checkpoint(store, w, _weights())
+    assert latest_checkpoint(store, every=3) == 39

@@ -11,9 +11,15 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from node.metrics import start_metrics_server
 from protocol.scores import PeerScore
-from validator.dashboard import Dashboard, DashboardState, human_bytes, svg_bar_chart, svg_line_chart
-from validator.metrics import start_metrics_server
+from validator.dashboard import (
+    Dashboard,
+    DashboardState,
+    human_bytes,
+    svg_bar_chart,
+    svg_line_chart,
+)
 
 PEERS = [f"{i:02d}" + "ab" * 11 for i in range(5)]
 

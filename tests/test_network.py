@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -44,7 +45,13 @@ def run(template, tmp_path):
 
 def test_three_peers_learn_together_and_stay_bit_identical(run):
     root, manifest, mpath = run
-    peers = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=4, min_peers=3) for i in range(3)]
+    peers = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=4, min_peers=3,
+                         extra=["--metrics-port", "0"] if i == 0 else None) for i in range(3)]
+    url = wait_for(lambda: (peers[0].workdir / "metrics.url").exists() and (peers[0].progress or {}).get("history")
+                   and len(peers[0].progress["history"]) >= 2 and (peers[0].workdir / "metrics.url").read_text(),
+                   180, "peer 0 to finish a window and serve metrics")
+    metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert "locoswarm_window " in metrics and "locoswarm_bytes_sent " in metrics
     for p in peers:
         assert p.wait(timeout=240) == 0, p.log()
     digests = {final_digest(p) for p in peers}
@@ -54,6 +61,13 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
     assert curve[-1] < curve[0] - 0.3, curve
     hist = peers[0].progress["history"]
     assert all(h["included"] == 3 for h in hist[1:]), hist
+
+    res = subprocess.run([sys.executable, "-m", "locoswarm.cli", "status", "--store", manifest.store.uri, "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    status = last_json_line(res.stdout)
+    assert status["window"] == 3 and len(status["peers"]) == 3
+    assert all(info["in_sync"] and info["included"] for info in status["peers"].values())
+    assert status["checkpoint_window"] == 4 and status["heldout_loss"] == pytest.approx(curve[-1], rel=1e-4)
 
 
 def test_killed_peer_does_not_stop_others_and_resumes(run):

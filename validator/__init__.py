@@ -8,9 +8,9 @@
                    decay, weight and inclusion rule, JSON save/load (``Ratings``)
 - ``dashboard.py`` ``DashboardState`` (thread-safe) and the ``Dashboard`` web server:
                    leaderboard, loss curve, bytes per window, ``/api/state``, ``/metrics``
-- ``metrics.py``   generic Prometheus metric set and loopback exporter (``SwarmMetrics``,
-                   ``start_metrics_server``); imports nothing else from ``validator``
+- ``service.py``   the main loop: follow the run, score each window, publish, apply
 
 The signed score record format and the rule peers apply to it live in
-``protocol/scores.py``, since peers and validators must agree on them.
+``protocol/scores.py``, since peers and validators must agree on them; the Prometheus
+metric set both roles export is ``node/metrics.py``.
 """

@@ -8,7 +8,7 @@ reader gets a copied snapshot); ``Dashboard`` serves it with the standard librar
                   JavaScript, no external assets or CDN; the page reloads itself every
                   ``refresh_seconds``.
     /api/state    the same snapshot as JSON
-    /metrics      Prometheus exposition of the state's registry (``validator.metrics``)
+    /metrics      Prometheus exposition of the state's registry (``node.metrics``)
 
 Everything that came from the network (peer ids, reasons) is HTML-escaped.
 """
@@ -30,8 +30,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from node.metrics import SwarmMetrics
 from protocol.scores import PeerScore
-from validator.metrics import SwarmMetrics
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import os
+import statistics
 import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass

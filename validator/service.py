@@ -27,11 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node.checkpoint import LocalState, fetch_checkpoint, load_local_state, published_windows, save_local_state
+from node.accounting import Accounting
+from node.checkpoint import (
+    LocalState,
+    fetch_checkpoint,
+    latest_checkpoint,
+    load_local_state,
+    save_local_state,
+)
 from node.data import TokenData, assigned_batches, heldout_ids, unassigned_batches
 from node.exchange import Exchange
 from node.model import build_model, lm_loss, param_shapes
-from node.accounting import Accounting
 from node.replica import Replica
 from protocol import paths
 from protocol.close import CloseRecord
@@ -94,12 +100,12 @@ class Validator:
         if state is not None:
             log.info("validator resumed at window %d", state.window)
             return Replica(state.weights, state.window)
-        windows = published_windows(self.store)
-        if not windows:
+        window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
+        if window is None:
             raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
         max_bytes = 4 * sum(layout.numel for layout in self.layouts.values()) + (1 << 20)
-        weights, _ = fetch_checkpoint(self.store, windows[-1], self.shapes, max_bytes)
-        return Replica(weights, windows[-1])
+        weights, _ = fetch_checkpoint(self.store, window, self.shapes, max_bytes)
+        return Replica(weights, window)
 
     # ------------------------------------------------------------------ one window
     def _expect(self, window: int, peer: str) -> Expectation:

@@ -48,7 +48,13 @@ import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from protocol.errors import IntegrityError, ObjectNotFound, StoreError, StoreTimeout, StoreUnavailable
+from protocol.errors import (
+    IntegrityError,
+    ObjectNotFound,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+)
 from protocol.stores.base import ObjectInfo, Store, check_key
 
 log = logging.getLogger(__name__)

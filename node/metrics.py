@@ -1,8 +1,7 @@
 """Prometheus metrics for any locoswarm process: the metric set and a loopback exporter.
 
-Generic on purpose: it imports nothing else from ``validator`` (nor ``node``), so a peer
-can export the same names as a validator (``node`` may import this module; ``protocol``
-must not). Each process keeps its own ``CollectorRegistry`` rather than the global one, so
+Generic on purpose: peers and validators export the same names (``validator`` imports
+this module; ``protocol`` must not). Each process keeps its own ``CollectorRegistry`` rather than the global one, so
 tests and several roles in one process never collide.
 
 Names (all prefixed ``locoswarm_``):
@@ -14,6 +13,7 @@ Names (all prefixed ``locoswarm_``):
     peer_weight{peer}         gauge    a validator's weight for each peer
     payload_bytes{peer}       gauge    size of each peer's last payload object
     rejections_total{reason}  counter  payloads refused, by check label
+    bytes_sent, bytes_received gauge   bytes this process uploaded / downloaded so far
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class SwarmMetrics:
         self.peer_weight = Gauge("locoswarm_peer_weight", "Validator weight of a peer", ["peer"], registry=registry)
         self.payload_bytes = Gauge("locoswarm_payload_bytes", "Size of a peer's last payload", ["peer"], registry=registry)
         self.rejections = Counter("locoswarm_rejections", "Payloads refused, by reason", ["reason"], registry=registry)
+        self.bytes_sent = Gauge("locoswarm_bytes_sent", "Bytes uploaded by this process", registry=registry)
+        self.bytes_received = Gauge("locoswarm_bytes_received", "Bytes downloaded by this process", registry=registry)
 
 
 @dataclass

@@ -1,0 +1,135 @@
+"""End to end on S3: real peer processes against a moto S3 server process on 127.0.0.1.
+
+The outage test freezes the server with SIGSTOP and thaws it with SIGCONT. moto keeps its
+objects in memory, so killing and restarting it would bring back an *empty* bucket: that
+tests a data-loss disaster, not an outage. A stopped process keeps its socket open, so
+clients connect and then wait until their read timeout, exactly as they would behind a
+dead link or a hung server, and the objects are all there when it comes back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from node.checkpoint import fetch_checkpoint, latest_checkpoint, load_local_state
+from node.genesis import init_run
+from protocol.stores.s3 import S3Store
+from tests.conftest import MotoServer
+from tests.network import (
+    REPO,
+    PeerProcess,
+    final_digest,
+    heldout_curve,
+    last_json_line,
+    small_manifest,
+    wait_for,
+)
+
+# Short store timeouts so an outage is noticed within seconds (a store call gives up after
+# about 2 x 2 requests of 3 s), well inside the 30 s window deadline.
+STORE_TIMEOUTS = {"store__request_timeout": 3.0, "store__retries": 2}
+# What the node logs when a store call fails for good, after the store's own retries.
+EXCHANGE_SAW_OUTAGE = ("store unreachable while reading the close record", "publish failed, retrying",
+                       "store unavailable while waiting")
+
+
+class PausableMotoServer(MotoServer):
+    """A moto server that can be frozen (SIGSTOP) and thawed (SIGCONT) with its objects intact."""
+
+    def pause(self) -> None:
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    yield
+    PeerProcess.kill_all()
+
+
+@pytest.fixture
+def moto(aws_test_credentials) -> PausableMotoServer:
+    """A fresh moto server of this test's own (the processes inherit the fake AWS credentials)."""
+    server = PausableMotoServer()
+    server.start()
+    yield server
+    server.resume()
+    server.kill()
+
+
+def _bucket(server: MotoServer) -> S3Store:
+    """A new bucket on ``server``; peers never create buckets, the run's creator does."""
+    return S3Store(f"run-{uuid.uuid4().hex[:12]}", "run", endpoint_url=server.endpoint_url, region="us-east-1",
+                   create_bucket=True)
+
+
+def test_up_on_an_s3_server_learns_with_bit_identical_replicas(moto, tmp_path):
+    with _bucket(moto) as store:
+        uri = f"s3://{store.bucket}/run"
+    manifest_path = tmp_path / "small.toml"
+    manifest_path.write_text(small_manifest().to_toml())
+    res = subprocess.run(
+        [sys.executable, "-m", "locoswarm.cli", "up", "--store", uri, "--endpoint-url", moto.endpoint_url,
+         "--peers", "2", "--windows", "3", "--json", "--no-plot", "--timeout", "240", "--manifest",
+         str(manifest_path), "--workdir", str(tmp_path / "up")],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = last_json_line(res.stdout)
+    assert summary["windows"] == 3 and summary["peers"] == 2 and summary["failed_peers"] == []
+    assert summary["digests_equal"] is True
+    assert summary["loss_last"] < summary["loss_first"]
+    with S3Store.from_uri(uri, endpoint_url=moto.endpoint_url) as store:
+        assert len(store.list("windows/000002/payloads/")) == 2  # the objects really went through S3
+
+
+def test_peers_outlive_an_s3_outage_and_keep_their_checkpoints(moto, tmp_path):
+    with _bucket(moto) as store:
+        uri = f"s3://{store.bucket}/run"
+        manifest = init_run(small_manifest(store__uri=uri, store__endpoint_url=moto.endpoint_url, **STORE_TIMEOUTS),
+                            store)
+    manifest_path = tmp_path / "manifest.toml"
+    manifest_path.write_text(manifest.to_toml())
+    peers = [PeerProcess(tmp_path, f"p{i}", manifest_path, uri, windows=4, min_peers=2,
+                         extra=["--endpoint-url", moto.endpoint_url]) for i in range(2)]
+
+    # The outage starts while both train window 1 and lasts until the node itself (not only
+    # the store's inner retries) has run into it on each peer.
+    wait_for(lambda: all((p.progress or {}).get("window") == 1 and p.progress["phase"] == "train" for p in peers),
+             150, "both peers to be training window 1")
+    moto.pause()
+    try:
+        wait_for(lambda: all(any(s in p.log() for s in EXCHANGE_SAW_OUTAGE) for p in peers), 90,
+                 "both peers to give up a store call and carry on")
+        assert all(p.proc.poll() is None for p in peers), "a peer died during the outage"
+    finally:
+        moto.resume()
+
+    for p in peers:
+        assert p.wait(timeout=240) == 0, p.log()
+    assert final_digest(peers[0]) == final_digest(peers[1])
+    history = peers[0].progress["history"]
+    assert [h["window"] for h in history] == [-1, 0, 1, 2, 3]
+    assert sum(h["included"] == 2 for h in history[1:]) >= 3, history  # at worst one window went without a peer
+    curve = heldout_curve(peers[0])
+    assert curve[-1] < curve[0], curve
+
+    for p in peers:  # no local state lost: each peer could resume from it
+        state = load_local_state(p.workdir / "state.safetensors")
+        assert state is not None and state.window == 4
+    with S3Store.from_uri(uri, endpoint_url=moto.endpoint_url) as store:
+        assert latest_checkpoint(store, every=2) == 4
+        shapes = {k: tuple(v.shape) for k, v in state.weights.items()}
+        for w in (0, 2, 4):
+            _, digest = fetch_checkpoint(store, w, shapes, 1 << 30)
+        assert digest.hex() == final_digest(peers[0])
