@@ -16,8 +16,8 @@ After it publishes, every other attacker publishes under its own key:
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import logging
 import math
 import sys

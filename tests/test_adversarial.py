@@ -16,7 +16,14 @@ from protocol.close import read_close_record
 from protocol.identity import Identity
 from protocol.scores import read_score_record
 from protocol.stores import open_store
-from tests.network import REPO, PeerProcess, create_run, final_digest, heldout_curve, small_manifest
+from tests.network import (
+    REPO,
+    PeerProcess,
+    create_run,
+    final_digest,
+    heldout_curve,
+    small_manifest,
+)
 
 WINDOWS = 8
 HONEST = 3

@@ -20,7 +20,14 @@ import pytest
 
 from protocol.errors import PayloadRejected
 from protocol.wire import decode_payload, read_header
-from tests.test_wire import ALICE, expectation, forge, make_payload, random_tensors, split
+from tests.test_wire import (
+    ALICE,
+    expectation,
+    forge,
+    make_payload,
+    random_tensors,
+    split,
+)
 
 ROUNDS = 2600  # x 4 mutation families = 10,400 decodes
 

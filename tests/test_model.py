@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from node.data import EOT_TOKEN, TOKENIZER_KEY, prepare
 from node.model import (

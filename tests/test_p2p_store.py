@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from protocol.errors import IntegrityError, ObjectNotFound, RecordRejected, StoreError, StoreUnavailable
+from protocol.errors import (
+    IntegrityError,
+    ObjectNotFound,
+    RecordRejected,
+    StoreError,
+    StoreUnavailable,
+)
 from protocol.identity import Identity
 from protocol.records import sign_record
 from protocol.stores import open_store

@@ -28,8 +28,8 @@ from protocol.errors import (
     StoreUnavailable,
 )
 from protocol.identity import Identity
-from protocol.stores import open_store
 from protocol.retention import gc_windows
+from protocol.stores import open_store
 from protocol.stores.s3 import PresignedReader, S3Store, _translate
 from tests.conftest import MotoServer, free_port
 

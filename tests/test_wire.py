@@ -31,7 +31,15 @@ from protocol.errors import (
 from protocol.identity import Identity
 from protocol.indexcode import encode_indices, pack_bits, unpack_bits
 from protocol.manifest import CodecConfig
-from protocol.wire import MAGIC, VERSION, Expectation, Payload, decode_payload, encode_payload, read_header
+from protocol.wire import (
+    MAGIC,
+    VERSION,
+    Expectation,
+    Payload,
+    decode_payload,
+    encode_payload,
+    read_header,
+)
 
 torch.set_num_threads(1)
 
