@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=0, help="stop after this window (0 = run forever)")
     p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation every N windows (0 = never)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
+    p.add_argument("--comm", choices=("none", "loco"), default=None,
+                   help="under torchrun: fp32 all-reduce or LoCo 4-bit between ranks (default: the manifest's)")
 
     p = sub.add_parser("inspect", help="show what a payload file holds, or why it is rejected (exit 2)")
     p.add_argument("file")

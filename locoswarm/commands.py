@@ -92,20 +92,33 @@ def run_command(args: argparse.Namespace) -> int:
             store.close()
         return 0
     if args.command == "peer":
+        import torch.distributed
+
         from node.config import NodeConfig
         from node.peer import Peer
 
-        identity = Identity.load_or_create(Path(args.key) if args.key else Path(args.workdir) / "peer.key")
+        device = args.device
+        key = Path(args.key) if args.key else Path(args.workdir) / "peer.key"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one peer, many ranks
+            from node.ddp import init_from_env
+
+            env = init_from_env()
+            device = str(env.device) if env.device.type == "cuda" else device
+            if env.rank == 0:
+                Identity.load_or_create(key)
+            torch.distributed.barrier()  # rank 0 creates the key; the others only read it
+        identity = Identity.load_or_create(key)
         manifest, store = open_run(args, identity)
         node = NodeConfig(
             workdir=Path(args.workdir),
             key_path=Path(args.key) if args.key else None,
-            device=args.device,
+            device=device,
             threads=args.threads,
             min_peers=args.min_peers,
             max_windows=args.windows,
             eval_every=args.eval_every,
             metrics_port=args.metrics_port,
+            comm=args.comm,
         )
         with store:
             Peer(manifest, store, node).run()

@@ -26,12 +26,17 @@ class NodeConfig:
     eval_every: int = 1
     """Evaluate the shared model's held-out loss every this many windows; 0 never."""
     publish_checkpoints: bool = True
+    comm: str | None = None
+    """Gradient communication between this peer's ranks ("none" or "loco"); None = the
+    manifest's ``inner.comm``. Local to the peer: it never changes what goes on the wire."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on 127.0.0.1 at this port (0 = any free port); None = off."""
 
     def __post_init__(self) -> None:
         if self.min_peers < 1:
             raise ManifestError("min_peers must be >= 1")
+        if self.comm not in (None, "none", "loco"):
+            raise ManifestError(f"comm must be 'none' or 'loco', not {self.comm!r}")
         if self.poll_seconds <= 0:
             raise ManifestError("poll_seconds must be > 0")
 

@@ -33,6 +33,7 @@ from node.checkpoint import (
 )
 from node.config import NodeConfig
 from node.data import TokenData, assigned_batches, heldout_ids
+from node.ddp import wrap_ddp
 from node.exchange import Exchange, Gathered
 from node.inner import InnerLoop
 from node.metrics import SwarmMetrics, start_metrics_server
@@ -102,7 +103,9 @@ class Peer:
         self.layouts = model_layout(self.shapes, manifest.codec)
         ddp = None
         if self.world > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(self.model)
+            comm = node.comm or manifest.inner.comm
+            ddp, _ = wrap_ddp(self.model, comm=comm, device=torch.device(node.device))
+            log.info("one peer on %d ranks, gradient communication %s", self.world, comm)
         self.inner = InnerLoop(self.model, manifest.inner, ddp_model=ddp)
         self.ef = ErrorFeedback(self.layouts, manifest.codec, node.device)
         self.exchange = Exchange(

@@ -80,7 +80,8 @@ class PeerProcess:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        # GLOO_SOCKET_IFNAME keeps torchrun ranks' collective traffic on loopback.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                      start_new_session=True)
         PeerProcess.started.append(self)

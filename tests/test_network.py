@@ -113,15 +113,17 @@ def test_peer_with_a_different_manifest_refuses_to_join(run, tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (REPO / ".venv/bin/torchrun").exists(),
                     reason="torchrun is not installed")
-def test_torchrun_peer_with_two_gloo_ranks_trains_with_a_plain_peer(run):
+def test_torchrun_peer_with_two_gloo_ranks_and_loco_trains_with_a_plain_peer(run):
     root, manifest, mpath = run
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                "127.0.0.1", "--master-port", "0", "-m", "locoswarm.cli"]
-    multi = PeerProcess(root, "ddp", mpath, manifest.store.uri, windows=3, min_peers=2, launcher=torchrun)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "locoswarm.cli"]
+    multi = PeerProcess(root, "ddp", mpath, manifest.store.uri, windows=3, min_peers=2, launcher=torchrun,
+                        extra=["--comm", "loco"])
     plain = PeerProcess(root, "plain", mpath, manifest.store.uri, windows=3, min_peers=2)
     assert plain.wait(timeout=300) == 0, plain.log()
     assert multi.wait(timeout=300) == 0, multi.log()
     assert final_digest(multi) == final_digest(plain)
+    assert "one peer on 2 ranks, gradient communication loco" in multi.log()
     curve = heldout_curve(plain)
     assert curve[-1] < curve[0]
     assert all(h["included"] == 2 for h in plain.progress["history"][1:])
