@@ -9,7 +9,7 @@ rejection comes back as ``(peer, reason)``, never as an exception out of the win
 
 Close slots: anyone who can write to the store can put garbage (or a record with a bad
 signature) under ``close.lsr`` before the honest closer does, and ``put_if_absent`` would
-then keep the honest record out forever. So a window has ``CLOSE_SLOTS`` slots
+then keep the honest record out forever. So a window has ``paths.CLOSE_SLOTS`` slots
 (``close.lsr``, ``close.1.lsr``, ...): the window's close record is the first slot that
 holds a valid record, and a closer writes into the first slot after the invalid ones.
 Every replica reads the same slots in the same order, so all agree on one record.
@@ -41,20 +41,9 @@ from protocol.wire import Expectation, Payload, decode_payload
 
 log = logging.getLogger(__name__)
 
-CLOSE_SLOTS = 8
-"""Invalid close records one window tolerates before its peers give up on it."""
 MAX_CLOSE_BYTES = 1 << 20
 FETCH_ATTEMPTS = 4
 """Downloads of one payload after a timeout or an unreachable store, with backoff."""
-
-
-def close_slot_key(window: int, slot: int) -> str:
-    """Key of close slot ``slot`` of ``window``: slot 0 is ``paths.close_key``."""
-    key = paths.close_key(window)
-    if slot == 0:
-        return key
-    stem, dot, ext = key.rpartition(".")
-    return f"{stem}.{slot}{dot}{ext}"
 
 
 @dataclass
@@ -126,17 +115,17 @@ class Exchange:
             return None
 
     def _first_valid_close(self, window: int) -> CloseRecord | None:
-        for slot in range(CLOSE_SLOTS):
+        for slot in range(paths.CLOSE_SLOTS):
             record = self._read_slot(window, slot)
             if record is None:
                 return None
             if isinstance(record, CloseRecord):
                 return record
-        raise RecordRejected(f"window {window}: all {CLOSE_SLOTS} close slots hold invalid records")
+        raise RecordRejected(f"window {window}: all {paths.CLOSE_SLOTS} close slots hold invalid records")
 
     def _read_slot(self, window: int, slot: int) -> CloseRecord | RecordRejected | None:
         """One slot: its valid record, the reason it is invalid, or None when it is empty."""
-        key = close_slot_key(window, slot)
+        key = paths.close_slot_key(window, slot)
         try:
             data = self.store.get(key, max_bytes=MAX_CLOSE_BYTES)
         except ObjectNotFound:
@@ -210,8 +199,8 @@ class Exchange:
                 included.append(Included(peer, hashlib.sha256(data).hexdigest(), len(data)))
         record = CloseRecord(window, base_digest, self.clock(), tuple(included))
         blob = make_close_record(self.identity, self.run_key, record)
-        for slot in range(CLOSE_SLOTS):
-            if self.store.put_if_absent(close_slot_key(window, slot), blob):
+        for slot in range(paths.CLOSE_SLOTS):
+            if self.store.put_if_absent(paths.close_slot_key(window, slot), blob):
                 self.acct.bytes_up += len(blob)
                 log.info("window %d: closed with %d payloads", window, len(included))
                 return CloseRecord(window, base_digest, record.closed_at, tuple(included), self.identity.peer_id)
@@ -219,8 +208,8 @@ class Exchange:
             if isinstance(closed, CloseRecord):
                 return closed
             if closed is None:  # pragma: no cover - a store that loses a put_if_absent winner
-                raise StoreError("close record vanished after a lost put_if_absent", key=close_slot_key(window, slot))
-        raise RecordRejected(f"window {window}: all {CLOSE_SLOTS} close slots hold invalid records")
+                raise StoreError("close record vanished after a lost put_if_absent", key=paths.close_slot_key(window, slot))
+        raise RecordRejected(f"window {window}: all {paths.CLOSE_SLOTS} close slots hold invalid records")
 
     # ------------------------------------------------------------------ gather
     def gather(self, record: CloseRecord, expect: Callable[[str], Expectation], gathered: Gathered | None = None) -> Gathered:

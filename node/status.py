@@ -22,14 +22,18 @@ from protocol.wire import read_header
 
 
 def latest_close(store: Store, run_key: str) -> CloseRecord | None:
-    """The close record of the newest closed window."""
-    windows = sorted({w for o in store.list("windows/") if o.key.endswith("/close.lsr")
+    """The close record of the newest closed window (its first valid close slot)."""
+    windows = sorted({w for o in store.list("windows/") if "/close" in o.key
                       for w in [paths.window_of_key(o.key)] if w is not None})
     for window in reversed(windows):
-        try:
-            return read_close_record(store.get(paths.close_key(window), max_bytes=1 << 20), run=run_key, window=window)
-        except LocoError:
-            continue
+        for slot in range(paths.CLOSE_SLOTS):
+            try:
+                data = store.get(paths.close_slot_key(window, slot), max_bytes=1 << 20)
+                return read_close_record(data, run=run_key, window=window)
+            except ObjectNotFound:
+                break
+            except LocoError:
+                continue
     return None
 
 

@@ -3,7 +3,8 @@
     manifest.toml                               the run manifest (its hash is the run's identity)
     data/index.json, data/tokenizer.json, data/shard-NNNNN.npy
     windows/WWWWWW/payloads/<peer>.lsp          one signed payload per peer and window
-    windows/WWWWWW/close.lsr                    the window's close record (who counts)
+    windows/WWWWWW/close.lsr                    the window's close record (who counts); slots
+    windows/WWWWWW/close.N.lsr                  1..7 take it when earlier ones hold garbage
     checkpoints/WWWWWW/weights.safetensors      global weights at the start of window W
     checkpoints/WWWWWW/meta.json                window, digest, sha256 of the weights file
     scores/WWWWWW/<validator>.lsr               a validator's signed scores for window W
@@ -33,6 +34,15 @@ def peer_of_payload_key(key: str) -> str:
 
 def close_key(window: int) -> str:
     return f"{window_dir(window)}close.lsr"
+
+
+CLOSE_SLOTS = 8
+"""Invalid close records one window tolerates before its peers give up on it."""
+
+
+def close_slot_key(window: int, slot: int) -> str:
+    """Key of close slot ``slot`` of ``window``: slot 0 is ``close_key``."""
+    return close_key(window) if slot == 0 else f"{window_dir(window)}close.{slot}.lsr"
 
 
 def checkpoint_dir(window: int) -> str:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from node.accounting import Accounting
-from node.exchange import CLOSE_SLOTS, Exchange, Gathered, close_slot_key
+from node.exchange import Exchange, Gathered
 from node.replica import Replica
 from protocol import paths
 from protocol.aggregate import aggregate
@@ -26,6 +26,7 @@ from protocol.codec_types import model_layout
 from protocol.errors import RecordRejected
 from protocol.identity import Identity
 from protocol.manifest import Manifest
+from protocol.paths import CLOSE_SLOTS, close_slot_key
 from protocol.stores.file import FileStore
 from protocol.wire import Expectation, encode_payload
 
