@@ -120,6 +120,17 @@ def latest_checkpoint(store: Store, every: int) -> int | None:
     return lo * every
 
 
+def load_checkpoint_into(model: torch.nn.Module, store: Store, window: int) -> bytes:
+    """Set ``model``'s parameters to the verified published weights of ``window``; its digest."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    max_bytes = 4 * sum(p.numel() for p in model.parameters()) + (1 << 20)
+    weights, digest = fetch_checkpoint(store, window, shapes, max_bytes)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])
+    return digest
+
+
 def fetch_checkpoint(
     store: Store, window: int, expected_shapes: dict[str, tuple[int, ...]], max_bytes: int
 ) -> tuple[dict[str, torch.Tensor], bytes]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
-
-from node.checkpoint import fetch_checkpoint, latest_checkpoint
+from node.checkpoint import latest_checkpoint, load_checkpoint_into
 from node.data import TokenData
-from node.model import build_model, export_hf, param_shapes
+from node.model import build_model, export_hf
 from protocol.errors import CheckpointError
 from protocol.manifest import Manifest
 from protocol.stores.base import Store
@@ -22,10 +20,7 @@ def export_latest(manifest: Manifest, store: Store, out: Path) -> int:
         raise CheckpointError(f"no published checkpoint in {store.uri}")
     data = TokenData.load(manifest, store)
     model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
-    weights, _ = fetch_checkpoint(store, window, param_shapes(model), 1 << 36)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
+    load_checkpoint_into(model, store, window)
     with tempfile.TemporaryDirectory() as tmp:
         tok = Path(tmp) / "tokenizer.json"
         tok.write_bytes(data.tokenizer_json)

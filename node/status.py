@@ -9,9 +9,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from node.checkpoint import fetch_checkpoint, latest_checkpoint
+from node.checkpoint import latest_checkpoint, load_checkpoint_into
 from node.data import TokenData, heldout_ids
-from node.model import build_model, lm_loss, param_shapes
+from node.model import build_model, lm_loss
 from protocol import paths
 from protocol.close import CloseRecord, read_close_record
 from protocol.errors import LocoError, ObjectNotFound
@@ -44,11 +44,9 @@ def checkpoint_loss(manifest: Manifest, store: Store) -> tuple[int, float] | Non
         return None
     data = TokenData.load(manifest, store)
     model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
-    weights, _ = fetch_checkpoint(store, window, param_shapes(model), 1 << 36)
+    load_checkpoint_into(model, store, window)
+    model.eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
-        model.eval()
         ids = heldout_ids(manifest.data.eval_sequences, data)
         losses = [float(lm_loss(model, data.batch(ids[i : i + 8]))) for i in range(0, len(ids), 8)]
     return window, statistics.mean(losses)

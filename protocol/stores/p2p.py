@@ -35,7 +35,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import inspect
 import logging
 import struct
 import tempfile
@@ -58,7 +57,13 @@ from protocol.errors import (
 )
 from protocol.identity import Identity
 from protocol.records import require, sign_record, verify_record
-from protocol.stores.base import MAX_KEY_CHARS, ObjectInfo, Store, check_key
+from protocol.stores.base import (
+    MAX_KEY_CHARS,
+    ObjectInfo,
+    Store,
+    check_key,
+    check_options,
+)
 
 try:
     from hivemind.dht.node import DHTNode
@@ -206,15 +211,6 @@ def _translate(op: str, key: str | None) -> Iterator[None]:
         raise StoreUnavailable(f"{op}: cancelled because the store is closing", key=key) from exc
 
 
-def _check_options(cls: type, options: dict[str, Any], scheme: str) -> None:
-    """Refuse option names the constructor does not take, naming the ones it does."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise StoreError(f"unknown {scheme}:// store options {unknown}; known: {allowed}")
-
-
 class P2PStore(Store):
     """Objects announced in hivemind's DHT and served from the writer over libp2p streams."""
 
@@ -277,7 +273,7 @@ class P2PStore(Store):
         scheme, _, run = uri.partition("://")
         if scheme != "p2p":
             raise StoreError(f"not a p2p URI: {uri!r}; expected p2p://<run>")
-        _check_options(cls, options, "p2p")
+        check_options(cls, options, "p2p")
         return cls(run.strip("/"), **options)
 
     # ---- event-loop side -------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import io
 import logging
 import random
@@ -55,7 +54,7 @@ from protocol.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
-from protocol.stores.base import ObjectInfo, Store, check_key
+from protocol.stores.base import ObjectInfo, Store, check_key, check_options
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +166,6 @@ def _read_capped(body: Any, limit: int | None, key: str) -> bytes:
             raise StoreError(f"object body passed the cap of {limit} bytes while downloading", key=key)
 
 
-def _check_options(cls: type, options: dict[str, Any], scheme: str) -> None:
-    """Refuse option names the constructor does not take, naming the ones it does."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise StoreError(f"unknown {scheme}:// store options {unknown}; known: {allowed}")
-
-
 class S3Store(Store):
     """Objects under ``s3://bucket/prefix/``; thread-safe (one boto3 client shared by threads)."""
 
@@ -236,7 +226,7 @@ class S3Store(Store):
         bucket, _, prefix = rest.partition("/")
         if scheme != "s3" or not bucket:
             raise StoreError(f"not an s3 URI: {uri!r}; expected s3://bucket/prefix")
-        _check_options(cls, options, "s3")
+        check_options(cls, options, "s3")
         return cls(bucket, prefix, **options)
 
     def _create_bucket(self, region: str | None) -> None:
