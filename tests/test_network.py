@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from protocol.digest import weights_digest
 from tests.network import (
     REPO,
     PeerProcess,
@@ -68,6 +69,15 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
     assert status["window"] == 3 and len(status["peers"]) == 3
     assert all(info["in_sync"] and info["included"] for info in status["peers"].values())
     assert status["checkpoint_window"] == 4 and status["heldout_loss"] == pytest.approx(curve[-1], rel=1e-4)
+
+    out = root / "hf"
+    res = subprocess.run([sys.executable, "-m", "locoswarm.cli", "export", "--store", manifest.store.uri, "--out",
+                          str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert last_json_line(res.stdout)["exported_window"] == 4, res.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert weights_digest(dict(exported.named_parameters())).hex() == final_digest(peers[0])
 
 
 def test_killed_peer_does_not_stop_others_and_resumes(run):
