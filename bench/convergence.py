@@ -113,7 +113,7 @@ class BenchConfig:
         )
 
 
-QUICK = BenchConfig(steps=90, h=15, batch_size=4, seq_len=32, eval_sequences=32, max_chars=2_000_000)
+QUICK = BenchConfig(steps=180, h=15, batch_size=4, seq_len=32, eval_sequences=32, max_chars=2_000_000)
 """--quick: under 10 minutes on 2 CPU cores (measured figures in docs/convergence.md)."""
 DEFAULT = BenchConfig()
 

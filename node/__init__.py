@@ -7,7 +7,9 @@
 - ``exchange.py``    publish, close (who counts), gather and verify payloads
 - ``checkpoint.py``  resumable local state; published checkpoints for late joiners
 - ``peer.py``        the window loop, catch-up, progress reporting
+- ``ddp.py``         torchrun setup, DDP wrapping with the chosen gradient communication
 - ``loco.py``        LoCo 4-bit gradient communication inside a multi-GPU peer (DDP hook)
+- ``metrics.py``     the Prometheus metric set peers and validators export
 - ``genesis.py``     ``locoswarm init``: create a run in a store
 - ``up.py``          ``locoswarm up``: a whole local network with a live table and a plot
 - ``status.py``, ``export.py``: read-only views of a run
