@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=0, help="stop after this window (0 = run forever)")
     p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation every N windows (0 = never)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
+    p.add_argument("--publish-store", default=None,
+                   help="s3://bucket/prefix only this peer writes to; others read it through presigned URLs")
+    p.add_argument("--publish-endpoint-url", default=None, help="endpoint of --publish-store (default --endpoint-url)")
     p.add_argument("--comm", choices=("none", "loco"), default=None,
                    help="under torchrun: fp32 all-reduce or LoCo 4-bit between ranks (default: the manifest's)")
 

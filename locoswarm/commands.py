@@ -120,8 +120,15 @@ def run_command(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             comm=args.comm,
         )
+        own = None
+        if args.publish_store:
+            if not args.publish_store.startswith("s3://"):
+                raise ManifestError("--publish-store must be an s3:// URI (presigned URLs need S3)")
+            own_args = argparse.Namespace(store=args.publish_store,
+                                          endpoint_url=args.publish_endpoint_url or args.endpoint_url)
+            own = open_store(args.publish_store, **store_options(manifest, own_args))
         with store:
-            Peer(manifest, store, node).run()
+            Peer(manifest, store, node, own_store=own).run()
             if args.store.startswith("p2p://"):
                 # Our last payload and close record live only in this process: keep serving
                 # them while slower peers finish the window.

@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 
 from node.accounting import Accounting
 from protocol import paths
+from protocol.announce import (
+    MAX_ANNOUNCEMENT_BYTES,
+    make_announcement,
+    read_announcement,
+)
 from protocol.close import CloseRecord, Included, make_close_record, read_close_record
 from protocol.errors import (
     LocoError,
@@ -36,12 +41,16 @@ from protocol.errors import (
     StoreUnavailable,
 )
 from protocol.identity import Identity
-from protocol.stores.base import Store
+from protocol.stores.base import ObjectInfo, Store
+from protocol.stores.s3 import PresignedReader, S3Store
 from protocol.wire import Expectation, Payload, decode_payload
 
 log = logging.getLogger(__name__)
 
 MAX_CLOSE_BYTES = 1 << 20
+PRESIGN_SECONDS = 7 * 24 * 3600
+"""Lifetime of the presigned URLs a peer announces (S3's maximum): late joiners replay
+windows up to ``run.keep_windows`` old through them."""
 FETCH_ATTEMPTS = 4
 """Downloads of one payload after a timeout or an unreachable store, with backoff."""
 
@@ -66,8 +75,12 @@ class Exchange:
         poll_seconds: float = 0.2,
         clock: Callable[[], float] = time.time,
         allowed_peers: Callable[[int], set[str] | None] | None = None,
+        own_store: S3Store | None = None,
+        reader: PresignedReader | None = None,
     ):
         self.store = store
+        self.own_store = own_store
+        self.reader = reader or PresignedReader()
         self.identity = identity
         self.run_key = run_key
         self.acct = accounting
@@ -84,7 +97,7 @@ class Exchange:
         while True:
             try:
                 with self.acct.phase("upload"):
-                    wrote = self.store.put_if_absent(key, data)
+                    wrote = self._upload(window, key, data)
                 if wrote:
                     self.acct.bytes_up += len(data)
                 else:
@@ -97,6 +110,45 @@ class Exchange:
                 log.warning("window %d: publish failed, retrying in %.1fs: %s", window, delay, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _upload(self, window: int, key: str, data: bytes) -> bool:
+        """Into the run store; or into our own bucket plus a signed announcement of a
+        presigned URL in the run store (no credentials ever leave this machine)."""
+        if self.own_store is None:
+            return self.store.put_if_absent(key, data)
+        wrote = self.own_store.put_if_absent(key, data)
+        url = self.own_store.presigned_get_url(key, expires=PRESIGN_SECONDS)
+        record = make_announcement(self.identity, self.run_key, window, key, url,
+                                   hashlib.sha256(data).hexdigest(), len(data))
+        self.store.put_if_absent(paths.announce_key(window, self.identity.peer_id), record)
+        self.acct.bytes_up += len(record)
+        return wrote
+
+    def present(self, window: int) -> dict[str, ObjectInfo]:
+        """Peers with a payload for ``window``, in the run store or announced, and its listing."""
+        out = {
+            paths.peer_of_payload_key(o.key): o
+            for o in self.store.list(paths.payloads_prefix(window))
+            if o.key.endswith(paths.PAYLOAD_SUFFIX)
+        }
+        for o in self.store.list(paths.announce_prefix(window)):
+            out.setdefault(o.key.rsplit("/", 1)[-1].removesuffix(".lsr"), o)
+        return out
+
+    def download(self, window: int, peer: str, max_bytes: int) -> bytes:
+        """A peer's payload bytes for ``window``: from the run store, or from the URL its
+        signed announcement names (hash and size checked). Raises StoreError/RecordRejected."""
+        try:
+            return self.store.get(paths.payload_key(window, peer), max_bytes=max_bytes)
+        except ObjectNotFound:
+            try:
+                record = self.store.get(paths.announce_key(window, peer), max_bytes=MAX_ANNOUNCEMENT_BYTES)
+            except ObjectNotFound:
+                raise ObjectNotFound("no payload and no announcement", key=paths.payload_key(window, peer)) from None
+        ann = read_announcement(record, self.run_key, signer=peer)
+        if ann.window != window:
+            raise RecordRejected(f"announcement of {peer} is for window {ann.window}, not {window}")
+        return self.reader.fetch(ann.url, sha256=ann.sha256, size=ann.size, max_bytes=max_bytes)
 
     # ------------------------------------------------------------------ close
     def read_close(self, window: int) -> CloseRecord | None:
@@ -168,11 +220,7 @@ class Exchange:
                     existing = self._first_valid_close(window)
                     if existing is not None:
                         break
-                    present = {
-                        paths.peer_of_payload_key(o.key): o
-                        for o in self.store.list(paths.payloads_prefix(window))
-                        if o.key.endswith(paths.PAYLOAD_SUFFIX)
-                    }
+                    present = self.present(window)
                     complete = expected <= present.keys() and len(present) >= min_peers
                     if complete or self.clock() >= deadline:
                         existing = self._write_close(window, base_digest, sorted(present), expect, gathered)
@@ -228,11 +276,10 @@ class Exchange:
     def _fetch(
         self, window: int, peer: str, expectation: Expectation, out: Gathered, want: Included | None = None
     ) -> bytes | None:
-        key = paths.payload_key(window, peer)
         with self.acct.phase("download"):
             for attempt in range(FETCH_ATTEMPTS):
                 try:
-                    data = self.store.get(key, max_bytes=expectation.max_bytes)
+                    data = self.download(window, peer, expectation.max_bytes)
                     break
                 except ObjectNotFound:
                     out.rejected.append((peer, "payload listed but not found in the store"))
@@ -242,6 +289,9 @@ class Exchange:
                         out.rejected.append((peer, f"payload could not be downloaded: {exc}"))
                         return None
                     time.sleep(0.5 * 2**attempt)
+                except RecordRejected as exc:
+                    out.rejected.append((peer, f"announcement refused: {exc}"))
+                    return None
                 except StoreError as exc:  # over the size cap, refused, corrupt: retrying will not help
                     log.warning("window %d: refused the payload object of %s: %s", window, peer, exc)
                     out.rejected.append((peer, f"payload refused by the store: {exc}"))

@@ -49,6 +49,7 @@ from protocol.manifest import Manifest
 from protocol.retention import gc_windows, retention_floor
 from protocol.scores import allowed_peers
 from protocol.stores.base import Store
+from protocol.stores.s3 import S3Store
 from protocol.wire import Expectation, encode_payload
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class WindowReport:
 
 
 class Peer:
-    def __init__(self, manifest: Manifest, store: Store, node: NodeConfig):
+    def __init__(self, manifest: Manifest, store: Store, node: NodeConfig, *, own_store: S3Store | None = None):
         self.manifest = manifest
         self.store = store
         self.node = node
@@ -110,7 +111,7 @@ class Peer:
         self.ef = ErrorFeedback(self.layouts, manifest.codec, node.device)
         self.exchange = Exchange(
             store, self.identity, manifest.run_key, self.acct, poll_seconds=node.poll_seconds,
-            allowed_peers=self._allowed_peers if manifest.validators.keys else None,
+            allowed_peers=self._allowed_peers if manifest.validators.keys else None, own_store=own_store,
         )
         self.history: list[dict] = []
         self.metrics = SwarmMetrics(CollectorRegistry())

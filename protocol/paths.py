@@ -3,6 +3,8 @@
     manifest.toml                               the run manifest (its hash is the run's identity)
     data/index.json, data/tokenizer.json, data/shard-NNNNN.npy
     windows/WWWWWW/payloads/<peer>.lsp          one signed payload per peer and window
+    windows/WWWWWW/announce/<peer>.lsr          or, for a peer serving from its own bucket, a
+                                                signed record of where to GET its payload
     windows/WWWWWW/close.lsr                    the window's close record (who counts); slots
     windows/WWWWWW/close.N.lsr                  1..7 take it when earlier ones hold garbage
     checkpoints/WWWWWW/weights.safetensors      global weights at the start of window W
@@ -30,6 +32,14 @@ def payloads_prefix(window: int) -> str:
 
 def peer_of_payload_key(key: str) -> str:
     return key.rsplit("/", 1)[-1].removesuffix(PAYLOAD_SUFFIX)
+
+
+def announce_key(window: int, peer_id: str) -> str:
+    return f"{window_dir(window)}announce/{peer_id}.lsr"
+
+
+def announce_prefix(window: int) -> str:
+    return f"{window_dir(window)}announce/"
 
 
 def close_key(window: int) -> str:

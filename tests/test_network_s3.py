@@ -133,3 +133,32 @@ def test_peers_outlive_an_s3_outage_and_keep_their_checkpoints(moto, tmp_path):
         for w in (0, 2, 4):
             _, digest = fetch_checkpoint(store, w, shapes, 1 << 30)
         assert digest.hex() == final_digest(peers[0])
+
+
+def test_a_peer_serving_from_its_own_bucket_shares_presigned_urls_not_credentials(moto, tmp_path, monkeypatch):
+    secret = "s3cr3t-that-must-never-leave-the-peer"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any; the peers inherit it
+    with _bucket(moto) as store:
+        uri = f"s3://{store.bucket}/run"
+        manifest = init_run(small_manifest(store__uri=uri, store__endpoint_url=moto.endpoint_url), store)
+    with _bucket(moto) as own:
+        own_uri = f"s3://{own.bucket}/mine"
+    mpath = tmp_path / "manifest.toml"
+    mpath.write_text(manifest.to_toml())
+    common = ["--endpoint-url", moto.endpoint_url]
+    solo = PeerProcess(tmp_path, "own-bucket", mpath, uri, windows=2, min_peers=2,
+                       extra=[*common, "--publish-store", own_uri])
+    plain = PeerProcess(tmp_path, "plain", mpath, uri, windows=2, min_peers=2, extra=common)
+    for p in (solo, plain):
+        assert p.wait(timeout=240) == 0, p.log()
+    assert final_digest(solo) == final_digest(plain)
+    assert all(h["included"] == 2 for h in plain.progress["history"][1:])
+    solo_id = solo.progress["peer"]
+    with S3Store.from_uri(uri, endpoint_url=moto.endpoint_url) as run_store:
+        keys = [o.key for o in run_store.list("windows/000001/")]
+        assert f"windows/000001/announce/{solo_id}.lsr" in keys
+        assert not any(solo_id in k for k in keys if "/payloads/" in k)  # its payload never entered the run bucket
+        record = run_store.get(f"windows/000001/announce/{solo_id}.lsr")
+    assert b"Signature=" in record and secret.encode() not in record
+    with S3Store.from_uri(own_uri, endpoint_url=moto.endpoint_url) as own_store:
+        assert own_store.exists(f"windows/000001/payloads/{solo_id}.lsp")

@@ -10,7 +10,10 @@ apply the same aggregate and end bit-identical.
 from __future__ import annotations
 
 import enum
+import hashlib
+import http.server
 import logging
+import threading
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from node.accounting import Accounting
 from node.exchange import Exchange, Gathered
 from node.replica import Replica
 from protocol import paths
-from protocol.aggregate import aggregate
+from protocol.announce import make_announcement
 from protocol.close import CloseRecord, make_close_record
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import model_layout
@@ -78,9 +81,8 @@ class Party:
         """What ``Peer.run_window`` does after publishing: close or read the close, aggregate, step."""
         record, gathered = self.exchange.close(WINDOW, base_digest=self.replica.digest, expected=expected,
                                                min_peers=len(expected), deadline=FAR, expect=self.expect)
-        contributions = ((p, gathered.accepted[p].tensors) for p in sorted(gathered.accepted))
-        outer = self.manifest.outer
-        self.replica.apply(aggregate(contributions, self.layouts, rule=outer.rule, clip=outer.clip), outer.lr)
+        self.replica.apply_window({p: pl.tensors for p, pl in gathered.accepted.items()}, self.layouts,
+                                  self.manifest.outer)
         return record, gathered
 
 
@@ -180,3 +182,37 @@ def test_window_whose_every_close_slot_is_invalid_fails_with_a_readable_error(pa
         x.store.put(close_slot_key(WINDOW, slot), b"junk")
     with pytest.raises(RecordRejected, match=f"all {CLOSE_SLOTS} close slots hold invalid records"):
         a.exchange.read_close(WINDOW)
+
+
+def test_announced_payload_whose_bytes_differ_from_the_announcement_is_rejected(parties, caplog):
+    a, b, x = parties
+    real = x.payload()
+    served = _flip_last_byte(real)  # what X's "own bucket" really serves
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served)))
+            self.end_headers()
+            self.wfile.write(served)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/payload"
+        key = paths.payload_key(WINDOW, x.peer_id)
+        record = make_announcement(x.identity, RUN, WINDOW, key, url, hashlib.sha256(real).hexdigest(), len(real))
+        x.store.put(paths.announce_key(WINDOW, x.peer_id), record)
+        everyone = {a.peer_id, b.peer_id, x.peer_id}
+        with caplog.at_level(logging.WARNING):
+            _, ga = a.close_and_apply(everyone)
+            _, gb = b.close_and_apply(everyone)
+    finally:
+        server.shutdown()
+        server.server_close()
+    reasons = dict(ga.rejected)
+    assert "sha256" in reasons[x.peer_id] or "hash" in reasons[x.peer_id], reasons
+    _assert_honest_replicas_agree(a, b, ga, gb)

@@ -39,10 +39,9 @@ from node.data import TokenData, assigned_batches, heldout_ids, unassigned_batch
 from node.exchange import Exchange
 from node.model import build_model, lm_loss, param_shapes
 from node.replica import Replica
-from protocol import paths
 from protocol.close import CloseRecord
 from protocol.codec_types import model_layout
-from protocol.errors import CheckpointError, PayloadRejected, StoreError
+from protocol.errors import CheckpointError, PayloadRejected, RecordRejected, StoreError
 from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.scores import make_score_record, score_key
@@ -116,19 +115,16 @@ class Validator:
     def _decode_all(self, window: int) -> tuple[dict[str, Payload], dict[str, Verdict], dict[str, float], dict[str, int]]:
         """Every payload published for the window, decoded; refusals become verdicts."""
         payloads, verdicts, modified, sizes = {}, {}, {}, {}
-        for info in self.store.list(paths.payloads_prefix(window)):
-            if not info.key.endswith(paths.PAYLOAD_SUFFIX):
-                continue
-            peer = paths.peer_of_payload_key(info.key)
-            sizes[peer] = info.size
+        for peer, info in self.exchange.present(window).items():
             try:
-                data = self.store.get(info.key, max_bytes=self.manifest.outer.max_payload_bytes)
+                data = self.exchange.download(window, peer, self.manifest.outer.max_payload_bytes)
+                sizes[peer] = len(data)
                 payloads[peer] = decode_payload(data, self._expect(window, peer))
                 modified[peer] = info.modified
             except PayloadRejected as exc:
                 verdicts[peer] = verdict_from_rejection(exc)
                 log.info("window %d: %s rejected: %s", window, peer, exc.reason)
-            except StoreError as exc:
+            except (StoreError, RecordRejected) as exc:
                 verdicts[peer] = Verdict(False, "unavailable", f"payload could not be fetched: {exc}")
         return payloads, verdicts, modified, sizes
 
