@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -96,6 +97,10 @@ def _human(n: float) -> str:
     return f"{n:.1f}TB"
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _plot(histories: list[list[dict]], out: Path) -> None:
     import matplotlib
 
@@ -125,6 +130,8 @@ def _plot(histories: list[list[dict]], out: Path) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
+    if not args.verbose:  # the live table is the progress display; peers log to their own files
+        logging.getLogger().setLevel(logging.WARNING)
     workdir = Path(args.workdir).resolve()
     _prepare_workdir(workdir, args.keep)
     store_uri = args.store or f"file://{workdir / 'store'}"
@@ -237,7 +244,8 @@ def _summarize(console: Console, args, workdir: Path, rows, procs, validators, w
     ok = not failed and not failed_validators and summary["digests_equal"] and applied >= args.windows
     console.print(
         f"\n[bold]{'done' if ok else 'FAILED'}[/]: {applied} windows, {args.peers} peers, held-out loss "
-        f"{summary['loss_first']} -> {summary['loss_last']}, replicas bit-identical: {summary['digests_equal']}, "
+        f"{_fmt(summary['loss_first'])} -> {_fmt(summary['loss_last'])}, "
+        f"replicas bit-identical: {summary['digests_equal']}, "
         f"payload {_human(summary['payload_bytes_median'] or 0)} per peer per window"
         + (f" ({summary['bits_per_param']:.3f} bits/param)" if summary["bits_per_param"] else "")
         + (f"\nplot: {summary.get('plot')}" if summary.get("plot") else "")
