@@ -115,7 +115,9 @@ class BenchConfig:
 
 QUICK = BenchConfig(steps=180, h=15, batch_size=4, seq_len=32, eval_sequences=32, max_chars=2_000_000)
 """--quick: under 10 minutes on 2 CPU cores (measured figures in docs/convergence.md)."""
-DEFAULT = BenchConfig()
+DEFAULT = BenchConfig(steps=360, h=30, batch_size=8, seq_len=64)
+"""The default run: 12 rounds at H=30, 4x the tokens per step of --quick (about 20 minutes on
+2 CPU cores); larger models and the paper's H=50 need a GPU."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +140,7 @@ class Peer:
         else:
             replica = Replica(dict(self.model.named_parameters()), 0)
         if self.world > 1:
-            self._broadcast(replica)
+            replica.broadcast()
         replica.load_into(self.model)
         return replica
 
@@ -149,18 +150,8 @@ class Peer:
         weights, _ = fetch_checkpoint(self.store, window, self.shapes, max_bytes)
         return Replica(weights, window)
 
-    def _broadcast(self, replica: Replica, stop: bool = False) -> bool:
-        """Rank 0 sends window, stop flag and global weights to the other ranks."""
-        head = torch.tensor([replica.window, int(stop)], dtype=torch.int64)
-        dist.broadcast(head, 0)
-        replica.window, stop = int(head[0]), bool(head[1])
-        for name in sorted(replica.params):
-            dist.broadcast(replica.params[name], 0)
-        replica._digest = None
-        return stop
-
     # ------------------------------------------------------------------ helpers
-    def _expect(self, window: int) -> callable:
+    def _expect(self, window: int) -> Callable[[str], Expectation]:
         def expectation(peer: str) -> Expectation:
             return Expectation(
                 run=self.manifest.run_key,
@@ -236,7 +227,7 @@ class Peer:
         self._progress("train", w)
         result = self._train(w)
         if not self.leader:
-            self._broadcast(self.replica)
+            self.replica.broadcast()
             self.replica.load_into(self.model)
             return WindowReport(w, result.mean_loss, None, [], [], 0, "")
 
@@ -278,7 +269,7 @@ class Peer:
             self.ef.restore(sent)  # the network did not take it: keep it for a later window
         report = self._apply(close, gathered, train_loss=result.mean_loss, payload_bytes=payload_bytes)
         if self.world > 1:
-            self._broadcast(self.replica)
+            self.replica.broadcast()
         return report
 
     def _apply(self, close: CloseRecord, gathered: Gathered, *, train_loss: float | None, payload_bytes: int) -> WindowReport:
@@ -395,7 +386,7 @@ class Peer:
             if replayed:
                 log.info("caught up %d windows; now at window %d", replayed, self.replica.window)
         if self.world > 1:
-            self._broadcast(self.replica)
+            self.replica.broadcast()
             self.replica.load_into(self.model)
         while not self.node.max_windows or self.replica.window < self.node.max_windows:
             if self.world == 1:

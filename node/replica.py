@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 
 from protocol.aggregate import aggregate
 from protocol.codec_types import CompressedTensor, TensorLayout
@@ -57,3 +58,12 @@ class Replica:
         """Aggregate one window's accepted payloads (by peer id) and take the outer step."""
         ordered = ((peer, contributions[peer]) for peer in sorted(contributions))
         self.apply(aggregate(ordered, layouts, rule=outer.rule, clip=outer.clip), outer.lr)
+
+    def broadcast(self, src: int = 0) -> None:
+        """Under torchrun: every rank takes rank ``src``'s window and global weights."""
+        head = torch.tensor([self.window], dtype=torch.int64)
+        dist.broadcast(head, src)
+        self.window = int(head[0])
+        for name in sorted(self.params):
+            dist.broadcast(self.params[name], src)
+        self._digest = None
