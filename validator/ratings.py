@@ -1,7 +1,8 @@
 """Per-peer ratings across windows, and the weight and inclusion each rating implies.
 
 Each window the evaluated peers are ranked by their ``Evaluation.score`` (peers that
-failed a check, or whose score is not positive or not finite, tie for last) and that
+failed a check, whose score is not positive or not finite, or whose evidence of training
+on their own data is too low, tie for last) and that
 ranking updates an OpenSkill Plackett-Luce rating (mu, sigma) per peer: a Bayesian skill estimate that
 needs no absolute score scale, copes with a different subset of peers each window and
 gets more certain as evidence accumulates. Alongside, an exponential moving average of
@@ -144,23 +145,8 @@ class Ratings:
         """
         if self.window is not None and window <= self.window:
             raise ValueError(f"window {window} is not after the last rated window {self.window}")
-        # Only an update that lowers the loss earns a place; the rest tie for last with
-        # the failures, so a harmful peer cannot climb by being less harmful than another.
-        ranked = {p: s for p, s in scores.items() if math.isfinite(s) and s > 0 and p not in failed}
-        last = sorted((set(scores) | set(failed)) - set(ranked))
-        order = sorted(ranked, key=lambda p: (-ranked[p], p)) + last
-        if len(order) >= 2:
-            # Rank 1 is best; equal scores share a rank; every loser ties for last.
-            ranks = [1 + sum(1 for q in ranked.values() if q > ranked[p]) for p in order[: len(ranked)]]
-            ranks += [len(ranked) + 1] * len(last)
-            teams = [[self.model.create_rating([self._get(p).mu, self._get(p).sigma], name=p)] for p in order]
-            for p, (new,) in zip(order, self.model.rate(teams, ranks=ranks)):
-                self.peers[p].mu, self.peers[p].sigma = new.mu, new.sigma
-        for p in order:
-            self._get(p).rated_windows += 1
-        typical = statistics.median(ranked.values()) if ranked else 1.0
-        for p, value in scores.items():
-            self._get(p).last_score = value / typical if math.isfinite(value) else -math.inf
+        # Evidence first: a peer whose updates do not fit its own assigned data (it trained
+        # on something else) must not climb the ranking on its generalization gain alone.
         for p, ev in (evidence or {}).items():
             if math.isfinite(ev):
                 st = self._get(p)
@@ -172,6 +158,26 @@ class Ratings:
             for p in evidence or {}:
                 if self.peers[p].evidence_ema is not None:
                     self.peers[p].relative_evidence = self.peers[p].evidence_ema / typical_evidence
+        # Only an update that lowers the loss, from a peer that trains on its own data, earns
+        # a place; the rest tie for last with the failures, so a harmful peer cannot climb by
+        # being less harmful than another.
+        ranked = {p: s for p, s in scores.items()
+                  if math.isfinite(s) and s > 0 and p not in failed and self._evidence_ok(p)}
+        last = sorted((set(scores) | set(failed)) - set(ranked))
+        order = sorted(ranked, key=lambda p: (-ranked[p], p)) + last
+        if len(order) >= 2:
+            # Rank 1 is best; equal scores share a rank; every loser ties for last.
+            ranks = [1 + sum(1 for q in ranked.values() if q > ranked[p]) for p in order[: len(ranked)]]
+            ranks += [len(ranked) + 1] * len(last)
+            teams = [[self.model.create_rating([self._get(p).mu, self._get(p).sigma], name=p)] for p in order]
+            for p, (new,) in zip(order, self.model.rate(teams, ranks=ranks)):
+                self.peers[p].mu, self.peers[p].sigma = new.mu, new.sigma
+        for p in order:
+            self._get(p).rated_windows += 1
+        positive = [v for v in scores.values() if math.isfinite(v) and v > 0]
+        typical = statistics.median(positive) if positive else 1.0
+        for p, value in scores.items():
+            self._get(p).last_score = value / typical if math.isfinite(value) else -math.inf
         for p in set(order) | set(present) | set(evidence or {}):
             self._get(p).last_seen = window
         self.window = window
@@ -203,15 +209,21 @@ class Ratings:
             base *= p.absent_decay ** max(0, self.window - st.last_seen - p.absent_grace)
         return base
 
+    def _evidence_ok(self, peer: str) -> bool:
+        """The peer's evidence average (once it has one) is not too low, absolutely and
+        relative to the typical peer's."""
+        st = self.peers.get(peer)
+        return st is None or st.evidence_ema is None or (
+            st.evidence_ema >= self.params.min_evidence
+            and (st.relative_evidence is None or st.relative_evidence >= self.params.min_relative_evidence)
+        )
+
     def included(self, peer: str, checks_passed: bool) -> bool:
         """Include iff checks passed, weight > threshold, the evidence average is not too low,
         and the last evaluated update helped about as much as a typical one (a provisional
         weight alone must not let a harmful or useless newcomer in)."""
         st = self.peers.get(peer)
-        evidence_ok = st is None or st.evidence_ema is None or (
-            st.evidence_ema >= self.params.min_evidence
-            and (st.relative_evidence is None or st.relative_evidence >= self.params.min_relative_evidence)
-        )
+        evidence_ok = self._evidence_ok(peer)
         helped = st is None or st.last_score is None or st.last_score >= self.params.min_relative_score
         return checks_passed and evidence_ok and helped and self.weight(peer) > self.params.threshold
 
