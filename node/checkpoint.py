@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -122,9 +123,7 @@ def latest_checkpoint(store: Store, every: int) -> int | None:
 
 def load_checkpoint_into(model: torch.nn.Module, store: Store, window: int) -> bytes:
     """Set ``model``'s parameters to the verified published weights of ``window``; its digest."""
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    max_bytes = 4 * sum(p.numel() for p in model.parameters()) + (1 << 20)
-    weights, digest = fetch_checkpoint(store, window, shapes, max_bytes)
+    weights, digest = fetch_checkpoint(store, window, {n: tuple(p.shape) for n, p in model.named_parameters()})
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights[name])
@@ -132,9 +131,14 @@ def load_checkpoint_into(model: torch.nn.Module, store: Store, window: int) -> b
 
 
 def fetch_checkpoint(
-    store: Store, window: int, expected_shapes: dict[str, tuple[int, ...]], max_bytes: int
+    store: Store, window: int, expected_shapes: dict[str, tuple[int, ...]], max_bytes: int | None = None
 ) -> tuple[dict[str, torch.Tensor], bytes]:
-    """Download, hash-check and shape-check the published weights of ``window``."""
+    """Download, hash-check and shape-check the published weights of ``window``.
+
+    ``max_bytes`` defaults to what float32 weights of those shapes take, plus 1 MiB.
+    """
+    if max_bytes is None:
+        max_bytes = 4 * sum(math.prod(s) for s in expected_shapes.values()) + (1 << 20)
     try:
         meta = json.loads(store.get(paths.checkpoint_meta_key(window), max_bytes=MAX_META_BYTES))
         blob = store.get(paths.checkpoint_weights_key(window), max_bytes=max_bytes)

@@ -38,7 +38,7 @@ try:
 except ImportError:  # transformers 4.x keeps it in modeling_utils
     from transformers.modeling_utils import no_init_weights
 
-from node.data import EOT_TOKEN
+from node.data import EOT_TOKEN, TokenData, heldout_ids
 from protocol.errors import ManifestError
 from protocol.manifest import ModelConfig
 
@@ -169,6 +169,19 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     inputs, labels = batch[:, :-1], batch[:, 1:]
     logits = model(input_ids=inputs).logits  # [B, T, V]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, data: TokenData, n_eval: int, batch_size: int) -> float:
+    """Mean loss of ``model`` over the run's fixed held-out evaluation sequences."""
+    ids = heldout_ids(n_eval, data)
+    device = next(model.parameters()).device
+    model.eval()
+    total = 0.0
+    for i in range(0, len(ids), batch_size):
+        batch = data.batch(ids[i : i + batch_size]).to(device)
+        total += float(lm_loss(model, batch)) * len(batch)
+    return total / len(ids)
 
 
 def export_hf(model: torch.nn.Module, tokenizer_json_path: str, out_dir: str) -> None:

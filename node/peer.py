@@ -33,12 +33,12 @@ from node.checkpoint import (
     save_local_state,
 )
 from node.config import NodeConfig
-from node.data import TokenData, assigned_batches, heldout_ids
+from node.data import TokenData, assigned_batches
 from node.ddp import wrap_ddp
 from node.exchange import Exchange, Gathered
 from node.inner import InnerLoop
 from node.metrics import SwarmMetrics, start_metrics_server
-from node.model import build_model, lm_loss, param_shapes
+from node.model import build_model, heldout_loss, param_shapes
 from node.replica import Replica
 from protocol import paths
 from protocol.close import CloseRecord
@@ -146,8 +146,7 @@ class Peer:
 
     def _checkpoint_replica(self, window: int) -> Replica:
         """The global weights of a published checkpoint, verified (hash, layout, digest)."""
-        max_bytes = 4 * sum(layout.numel for layout in self.layouts.values()) + (1 << 20)
-        weights, _ = fetch_checkpoint(self.store, window, self.shapes, max_bytes)
+        weights, _ = fetch_checkpoint(self.store, window, self.shapes)
         return Replica(weights, window)
 
     # ------------------------------------------------------------------ helpers
@@ -193,17 +192,8 @@ class Peer:
             return set(self.last_close.peers) | {self.peer_id}, 1
         return {self.peer_id}, self.node.min_peers
 
-    @torch.no_grad()
     def heldout_loss(self) -> float:
-        ids = heldout_ids(self.manifest.data.eval_sequences, self.data)
-        self.model.eval()
-        bs = self.manifest.data.batch_size
-        total, n = 0.0, 0
-        for i in range(0, len(ids), bs):
-            batch = self.data.batch(ids[i : i + bs]).to(self.node.device)
-            total += float(lm_loss(self.model, batch)) * len(batch)
-            n += len(batch)
-        return total / n
+        return heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
 
     def _train(self, window: int):
         ids = assigned_batches(

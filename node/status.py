@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import statistics
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from node.checkpoint import latest_checkpoint, load_checkpoint_into
-from node.data import TokenData, heldout_ids
-from node.model import build_model, lm_loss
+from node.data import TokenData
+from node.model import build_model, heldout_loss
 from protocol import paths
 from protocol.close import CloseRecord, read_close_record
 from protocol.errors import LocoError, ObjectNotFound
@@ -45,11 +43,7 @@ def checkpoint_loss(manifest: Manifest, store: Store) -> tuple[int, float] | Non
     data = TokenData.load(manifest, store)
     model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
     load_checkpoint_into(model, store, window)
-    model.eval()
-    with torch.no_grad():
-        ids = heldout_ids(manifest.data.eval_sequences, data)
-        losses = [float(lm_loss(model, data.batch(ids[i : i + 8]))) for i in range(0, len(ids), 8)]
-    return window, statistics.mean(losses)
+    return window, heldout_loss(model, data, manifest.data.eval_sequences, manifest.data.batch_size)
 
 
 def run_state(manifest: Manifest, store: Store) -> dict:

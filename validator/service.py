@@ -35,9 +35,9 @@ from node.checkpoint import (
     load_local_state,
     save_local_state,
 )
-from node.data import TokenData, assigned_batches, heldout_ids, unassigned_batches
+from node.data import TokenData, assigned_batches, unassigned_batches
 from node.exchange import Exchange
-from node.model import build_model, lm_loss, param_shapes
+from node.model import build_model, heldout_loss, param_shapes
 from node.replica import Replica
 from protocol.close import CloseRecord
 from protocol.codec_types import model_layout
@@ -102,8 +102,7 @@ class Validator:
         window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
         if window is None:
             raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
-        max_bytes = 4 * sum(layout.numel for layout in self.layouts.values()) + (1 << 20)
-        weights, _ = fetch_checkpoint(self.store, window, self.shapes, max_bytes)
+        weights, _ = fetch_checkpoint(self.store, window, self.shapes)
         return Replica(weights, window)
 
     # ------------------------------------------------------------------ one window
@@ -185,9 +184,7 @@ class Validator:
         self.replica.apply_window({p: pl.tensors for p, pl in gathered.accepted.items()}, self.layouts,
                                   self.manifest.outer)
         self.replica.load_into(self.model)
-        ids = heldout_ids(self.manifest.data.eval_sequences, self.data)
-        bs = self.manifest.data.batch_size
-        heldout = mean_loss(self.model, self._batches(ids[: len(ids) // bs * bs].reshape(-1, bs)), lm_loss)
+        heldout = heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
         self.dashboard.finish_window(close.window, heldout_loss=heldout,
                                      payload_bytes={i.peer_id: i.size for i in close.included})
         save_local_state(self.state_file, LocalState(self.replica.window, 0, self.replica.params, {}, {},
