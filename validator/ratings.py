@@ -92,7 +92,7 @@ class RatingParams:
     """EMA factor: ema <- (1 - alpha) * ema + alpha * evidence."""
     min_evidence: float = 0.0
     """Evidence average below which a peer is not included."""
-    min_relative_evidence: float = 0.3
+    min_relative_evidence: float = 0.4
     """Evidence average needed, as a fraction of the typical peer's: a peer that trains on
     data it was not assigned helps everyone's data alike and falls below this."""
     min_relative_score: float = 0.25

@@ -64,9 +64,9 @@ class ValidatorConfig:
     """Stop after scoring this window; 0 runs until interrupted."""
     max_evaluations: int = 16
     """Peers evaluated per window (a sample, chosen unpredictably, when more published)."""
-    assigned_batches: int = 4
+    assigned_batches: int = 8
     """Of a peer's H assigned batches, how many to evaluate it on (more = less noisy evidence)."""
-    unassigned_batches: int = 4
+    unassigned_batches: int = 8
     poll_seconds: float = 0.3
 
 
