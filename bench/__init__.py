@@ -1,0 +1,35 @@
+"""Benchmarks that print figures, one JSON object per line (``locoswarm bench NAME``).
+
+- ``codec.py``        payload bits per parameter, error and speed vs the reference format
+- ``convergence.py``  SparseLoCo vs DiLoCo vs DDP (+LoCo) vs training alone, at equal tokens
+- ``wan.py``          peers in network namespaces behind tc-limited links (needs root)
+- ``netns.py``        the namespaces, veth pairs and tbf links ``wan.py`` runs in
+- ``reference.py``    the reference SparseLoCo wire format the codec bench compares against
+
+Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int``; ``main``
+builds the command line from them. Nothing here imports the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = {
+    "codec": "payload size, error and speed vs the reference format",
+    "convergence": "SparseLoCo vs DiLoCo vs DDP (+LoCo) vs single at equal tokens",
+    "wan": "peers in network namespaces behind tc-limited links (root)",
+}
+
+
+def main(argv: list[str]) -> int:
+    """``locoswarm bench NAME [ARGS]``: parse NAME's arguments and run it."""
+    parser = argparse.ArgumentParser(prog="locoswarm bench", description="benchmarks; one JSON object per line")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
+    name = argv[0] if argv and argv[0] in BENCHES else None
+    for bench, help in BENCHES.items():  # noqa: A001 (argparse's name)
+        p = sub.add_parser(bench, help=help, description=help)
+        if bench == name:  # import only the one that runs: each pulls in torch
+            importlib.import_module(f"bench.{bench}").add_arguments(p)
+    args = parser.parse_args(argv)
+    return importlib.import_module(f"bench.{args.bench}").run(args)

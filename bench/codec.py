@@ -19,6 +19,8 @@ tensors. Speeds are dense elements per second, the median of ``--repeats`` runs.
 
 from __future__ import annotations
 
+import argparse
+
 import functools
 import json
 import math
@@ -253,6 +255,15 @@ def _table(figures: list[dict[str, Any]]) -> None:
             table.add_row(label, fmt.format(fig[key]), fmt.format(fig["baseline_" + key]))
         table.add_row("index bound log2 C(n,k)/k", f"{fig['index_bits_bound']:.2f}", "")
         console.print(table)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``locoswarm bench codec``."""
+    p.add_argument("--json", action="store_true", help="print JSON lines only")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="a smaller model, for a fast look")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 
 def run(args: Any) -> int:

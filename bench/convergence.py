@@ -1,7 +1,7 @@
 """`locoswarm bench convergence`: SparseLoCo vs DiLoCo vs DDP (+LoCo) vs one replica, at equal tokens.
 
 R replicas of the run's model train one after another in this process (no networking) on
-the run's own data (``node.data``, the stdlib corpus), every replica taking the batches
+the run's own data (``node.dataset``, the stdlib corpus), every replica taking the batches
 ``assigned_batches`` gives peer ``replica-r``. Every method takes the same number of inner
 steps per replica, so every method but ``single`` sees the same tokens:
 
@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node.data import TokenData, assigned_batches, heldout_ids, prepare
+from node.dataset import TokenData, prepare
+from protocol.assignment import assigned_batches, heldout_ids
 from node.inner import InnerLoop, lr_at
 from node.loco import LocoCompressor, LocoConfig, average_quantized
 from node.model import build_model, lm_loss
@@ -244,7 +245,7 @@ def _run_local(cfg: BenchConfig, corpus: Corpus, method: str) -> Result:
                 with torch.no_grad():
                     for p, g in zip(model.parameters(), global_model.parameters()):
                         p.copy_(g)
-            inner.train([corpus.train_batch(r, window * cfg.h + i) for i in range(cfg.h)])
+            inner.train([corpus.train_batch(r, window * cfg.h + i) for i in range(cfg.h)], window)
             if method != "single":
                 with torch.no_grad():
                     deltas.append({n: params[n] - p for n, p in model.named_parameters()})
@@ -443,6 +444,16 @@ def run_all(cfg: BenchConfig, *, sweep: bool = False, emit: Callable[[dict], Non
     summary = summarize(results, time.perf_counter() - t0)
     emit(summary)
     return results, summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``locoswarm bench convergence``."""
+    p.add_argument("--json", action="store_true", help="print JSON lines only")
+    p.add_argument("--quick", action="store_true", help="finishes in under 10 minutes on 2 CPU cores")
+    p.add_argument("--sweep", action="store_true", help="sweep H and top-k density; EF variants")
+    p.add_argument("--replicas", type=int, default=4, help="replicas per method (default 4)")
+    p.add_argument("--out", default="convergence.png", help="where to write the plot (default convergence.png)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -194,7 +194,7 @@ class _Worker:
         seed = int.from_bytes(hashlib.sha256(f"{w}/{self.cfg.peer}".encode()).digest()[:8], "little")
         gen = torch.Generator().manual_seed(seed)
         batches = [torch.randint(0, VOCAB, (BATCH, SEQ_LEN + 1), generator=gen) for _ in range(self.cfg.inner_steps)]
-        self.inner.train(batches)
+        self.inner.train(batches, w)
 
     def _encode(self, w: int) -> bytes:
         delta = self.replica.pseudo_gradient(self.model)
@@ -482,12 +482,19 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``locoswarm bench wan``."""
+    p.add_argument("--json", action="store_true", help="print JSON lines only (no log output)")
+    p.add_argument("--windows", type=int, default=3, help="windows per method (default 3)")
+    p.add_argument("--compute-seconds", type=float, default=None,
+                   help="pad each window's compute to this many seconds (default: the real inner steps)")
+    p.add_argument("--inner-steps", type=int, default=INNER_STEPS, help=f"H per window (default {INNER_STEPS})")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its JSON lines; 0 on success or skip, 1 on failure."""
-    windows = int(getattr(args, "windows", 3) or 3)
-    compute_seconds = getattr(args, "compute_seconds", None)
-    inner_steps = int(getattr(args, "inner_steps", INNER_STEPS) or INNER_STEPS)
-    if not getattr(args, "json", False):
+    windows, compute_seconds, inner_steps = args.windows, args.compute_seconds, args.inner_steps
+    if not args.json:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     reason = netns_available()
     if reason is not None:
@@ -551,9 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
         worker_main(argv[1])
         return 0
-    from locoswarm.cli import main as cli_main  # one definition of the flags: the CLI's
+    from bench import main as bench_main
 
-    return cli_main(["bench", "wan", *argv])
+    return bench_main(["wan", *argv])
 
 
 if __name__ == "__main__":

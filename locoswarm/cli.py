@@ -1,47 +1,88 @@
-"""The ``locoswarm`` command: one entry point, one subcommand per thing a person does."""
+"""The ``locoswarm`` command: one entry point, one subcommand per thing a person does.
+
+Heavy libraries (torch, transformers) are imported only by the subcommand that needs them,
+after every argument, the store URI included, has been checked: a typo costs milliseconds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 
-from protocol.errors import LocoError
+from protocol.errors import LocoError, StoreError
+from protocol.manifest import COMM_CHOICES
+from protocol.retry import RetryPolicy
+from protocol.stores import StoreSettings
+
+STORE_HELP = (
+    "the run's store: file:///dir, s3://bucket/prefix or p2p://run; an s3/p2p URI may carry "
+    "?endpoint=URL&region=R&addressing=path|virtual|auto (s3) or ?peers=MULTIADDR,... (p2p)"
+)
 
 
-def _add_store_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--store", required=required, help="store URI: file:///dir, s3://bucket/prefix or p2p://run")
-    p.add_argument("--manifest", help="run manifest TOML (default: the one in the store)")
-    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (R2, MinIO, a local server)")
-    p.add_argument("--initial-peers", nargs="*", default=None, help="p2p: multiaddrs to bootstrap from")
+def _version() -> str:
+    try:
+        return importlib.metadata.version("locoswarm")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def _common() -> argparse.ArgumentParser:
+    """Flags every subcommand takes, before or after its name."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return p
+
+
+def _add_store_args(p: argparse.ArgumentParser, *, required: bool = True, manifest: bool = True) -> None:
+    g = p.add_argument_group("store (how this machine reaches the run; nothing here is secret)")
+    g.add_argument("--store", required=required, help=STORE_HELP)
+    if manifest:
+        g.add_argument("--manifest", help="run manifest TOML; must equal the store's (default: the store's own)")
+    g.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (R2, MinIO, a local server)")
+    g.add_argument("--region", default=None, help="S3 region (default: boto3's choice)")
+    g.add_argument("--addressing-style", choices=("auto", "path", "virtual"), default=None,
+                   help="S3 bucket addressing (default auto)")
+    g.add_argument("--profile", default=None, help="named AWS profile to take S3 credentials from")
+    g.add_argument("--initial-peers", nargs="*", default=None, help="p2p: multiaddrs to bootstrap the DHT from")
+    g.add_argument("--request-timeout", type=float, default=RetryPolicy.request_timeout,
+                   help=f"seconds one store request may wait (default {RetryPolicy.request_timeout:g})")
+    g.add_argument("--retries", type=int, default=RetryPolicy.attempts,
+                   help=f"tries of a store request after a timeout or outage (default {RetryPolicy.attempts})")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = _common()
     parser = argparse.ArgumentParser(
-        prog="locoswarm",
+        prog="locoswarm", parents=[common],
         description="Pre-train one language model together over ordinary internet links (SparseLoCo).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"locoswarm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("up", help="run a whole local network of peers on this machine and watch it learn")
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 (argparse's name)
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    p = command("up", "run a whole local network of peers on this machine and watch it learn")
     p.add_argument("--peers", type=int, default=3, help="peer processes to start (default 3)")
     p.add_argument("--windows", type=int, default=12, help="windows to run (default 12)")
     p.add_argument("--validators", type=int, default=0, help="validator processes to add (default 0)")
-    p.add_argument("--workdir", default="runs/local", help="where the run's store and peers live")
-    p.add_argument("--store", default=None, help="store URI (default: file://WORKDIR/store)")
+    p.add_argument("--workdir", default="runs/local", help="where the run's store and peers live (default runs/local)")
+    p.add_argument("--store", default=None, help="store URI (default: file://WORKDIR/store); " + STORE_HELP)
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// store")
     p.add_argument("--manifest", default=None, help="a run manifest TOML instead of the embedded defaults")
-    p.add_argument("--preset", default=None, help="model preset (tiny, 25m, 150m, 1b)")
-    p.add_argument("--steps", type=int, default=None, help="inner steps per window (H)")
+    p.add_argument("--preset", default=None, help="model preset: tiny, 25m, 150m or 1b (default: the manifest's)")
+    p.add_argument("--steps", type=int, default=None, help="inner steps per window, H (default: the manifest's)")
     p.add_argument("--window-seconds", type=float, default=None, help="window deadline in seconds")
     p.add_argument("--threads", type=int, default=1, help="torch threads per peer (default 1)")
     p.add_argument("--keep", action="store_true", help="reuse an existing WORKDIR instead of starting fresh")
     p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
-    p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
+    p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds (default 3600)")
 
-    p = sub.add_parser("init", help="create a run in a store: manifest, tokenizer, data, genesis weights")
+    p = command("init", "create a run in a store: manifest, tokenizer, data, genesis weights")
     _add_store_args(p)
     p.add_argument("--out-manifest", help="also write the final manifest (genesis time set) here")
     p.add_argument("--create-bucket", action="store_true", help="s3: create the bucket if it does not exist")
@@ -49,68 +90,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep serving the store's objects until stopped (a p2p run's seed)")
     p.add_argument("--addrs-file", help="with --serve: write the multiaddrs peers bootstrap from here (JSON)")
 
-    p = sub.add_parser("peer", help="run one peer of a run")
+    p = command("peer", "run one peer of a run")
     _add_store_args(p)
-    p.add_argument("--workdir", required=True, help="this peer's directory (key, state, cache)")
-    p.add_argument("--key", default=None, help="ed25519 key file (default WORKDIR/peer.key)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--min-peers", type=int, default=1, help="window 0 waits for this many peers")
-    p.add_argument("--windows", type=int, default=0, help="stop after this window (0 = run forever)")
+    p.add_argument("--workdir", required=True, help="this peer's directory: key, resumable state, data cache")
+    p.add_argument("--key", default=None, help="ed25519 key file of this peer (default WORKDIR/peer.key)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--min-peers", type=int, default=1, help="window 0 waits for this many peers (default 1)")
+    p.add_argument("--windows", type=int, default=0, help="stop after this window (default 0: run forever)")
     p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation every N windows (0 = never)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
     p.add_argument("--publish-store", default=None,
                    help="s3://bucket/prefix only this peer writes to; others read it through presigned URLs")
     p.add_argument("--publish-endpoint-url", default=None, help="endpoint of --publish-store (default --endpoint-url)")
-    p.add_argument("--comm", choices=("none", "loco"), default=None,
+    p.add_argument("--comm", choices=COMM_CHOICES, default=None,
                    help="under torchrun: fp32 all-reduce or LoCo 4-bit between ranks (default: the manifest's)")
 
-    p = sub.add_parser("inspect", help="show what a payload file holds, or why it is rejected (exit 2)")
-    p.add_argument("file")
+    p = command("inspect", "show what a payload file holds, or why it is rejected (exit 2)")
+    p.add_argument("file", help="a payload object (.lsp)")
 
-    p = sub.add_parser("status", help="print the run's state: window, loss, peers, scores, sync")
+    p = command("status", "print the run's state: window, loss, peers, scores, sync")
     _add_store_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
-    p = sub.add_parser("export", help="export the run's latest checkpoint as a Hugging Face model")
+    p = command("export", "export the run's latest checkpoint as a Hugging Face model")
     _add_store_args(p)
     p.add_argument("--out", required=True, help="output directory")
 
-    p = sub.add_parser("validator", help="run a validator: check, score and publish scores")
+    p = command("validator", "run a validator: check, score and publish scores")
     _add_store_args(p)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--key", default=None)
-    p.add_argument("--windows", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--dashboard-port", type=int, default=0, help="dashboard port on 127.0.0.1 (0 = any free)")
-    p.add_argument("--dashboard-host", default="127.0.0.1")
+    p.add_argument("--workdir", required=True, help="this validator's directory: key, ratings, state, cache")
+    p.add_argument("--key", default=None, help="ed25519 key file (default WORKDIR/validator.key)")
+    p.add_argument("--windows", type=int, default=0, help="stop after scoring this window (default 0: forever)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    p.add_argument("--dashboard-port", type=int, default=0, help="dashboard port (default 0: any free port)")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="dashboard address (default 127.0.0.1; expose it only behind a proxy you control)")
 
-    p = sub.add_parser("bench", help="benchmarks that print one JSON object per line")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    b = bench.add_parser("codec", help="payload size, error and speed vs the reference format")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--quick", action="store_true", help="a smaller model, for a fast look")
-    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    b = bench.add_parser("convergence", help="SparseLoCo vs DiLoCo vs DDP (+LoCo) vs single at equal tokens")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--quick", action="store_true", help="finishes in under 10 minutes on 2 CPU cores")
-    b.add_argument("--sweep", action="store_true", help="sweep H and top-k density; EF variants")
-    b.add_argument("--replicas", type=int, default=4)
-    b.add_argument("--out", default="convergence.png")
-    b.add_argument("--device", default="cpu")
-    b = bench.add_parser("wan", help="peers in network namespaces behind tc-limited links (root)")
-    b.add_argument("--json", action="store_true", help="print JSON lines only (no log output)")
-    b.add_argument("--windows", type=int, default=3, help="windows per method (default 3)")
-    b.add_argument("--compute-seconds", type=float, default=None,
-                   help="pad each window's compute to this many seconds (default: the real inner steps)")
-    b.add_argument("--inner-steps", type=int, default=20, help="H per window (default 20)")
+    p = command("bench", "benchmarks that print one JSON object per line (locoswarm bench NAME --help)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="NAME and its arguments: codec, convergence, wan")
     return parser
+
+
+def store_settings(args: argparse.Namespace) -> StoreSettings:
+    """The store settings the flags describe; checked before anything heavy is imported."""
+    policy = RetryPolicy(request_timeout=args.request_timeout, attempts=args.retries,
+                         object_seconds=max(RetryPolicy.object_seconds, args.request_timeout))
+    return StoreSettings.parse(
+        args.store, endpoint_url=args.endpoint_url, region=args.region, addressing_style=args.addressing_style,
+        profile=args.profile, initial_peers=tuple(args.initial_peers or ()),
+        create_bucket=bool(getattr(args, "create_bucket", False)), policy=policy,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)  # -v may come before or after the subcommand
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -122,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"locoswarm: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("locoswarm: interrupted", file=sys.stderr)
         return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
-        from node.up import run_up
+        if args.store:
+            StoreSettings.parse(args.store)
+        from locoswarm.up import run_up
 
         return run_up(args)
     if args.command == "inspect":
@@ -135,16 +173,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run(args.file)
     if args.command == "bench":
-        if args.bench == "codec":
-            from bench.codec import run
-        elif args.bench == "convergence":
-            from bench.convergence import run
-        else:
-            from bench.wan import run
-        return run(args)
+        from bench import main as bench_main
+
+        return bench_main(args.bench_args)
+    try:
+        settings = store_settings(args)
+    except ValueError as exc:
+        raise StoreError(f"bad store settings: {exc}") from exc
     from locoswarm.commands import run_command
 
-    return run_command(args)
+    return run_command(args, settings)
 
 
 if __name__ == "__main__":

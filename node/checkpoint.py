@@ -1,8 +1,4 @@
-"""Checkpoints: a peer's own resumable state, and the run's published global weights.
-
-Local state is ONE safetensors file (global weights, inner AdamW moments, error-feedback
-buffer) whose metadata holds the position (window, digest, inner step, accounting); it is
-written to a temp file and renamed, so a SIGKILL leaves either the old or the new state.
+"""The run's published checkpoints: the global weights at the start of a window.
 
 Published checkpoints hold only the global weights at the start of a window plus a small
 JSON meta (window, digest, sha256 of the weights file). Any replica may publish one
@@ -15,14 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, load_file, save, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from protocol import paths
 from protocol.digest import weights_digest
@@ -30,54 +22,6 @@ from protocol.errors import CheckpointError, ObjectNotFound, StoreError
 from protocol.stores.base import Store
 
 MAX_META_BYTES = 1 << 16
-
-
-@dataclass
-class LocalState:
-    window: int
-    inner_step: int
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, torch.Tensor]
-    error_feedback: dict[str, torch.Tensor]
-    meta: dict
-
-
-def save_local_state(path: Path, state: LocalState) -> None:
-    tensors = {f"w.{k}": v for k, v in state.weights.items()}
-    tensors.update({f"o.{k}": v for k, v in state.optimizer.items()})
-    tensors.update({f"e.{k}": v for k, v in state.error_feedback.items()})
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"window": str(state.window), "inner_step": str(state.inner_step), "meta": json.dumps(state.meta)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_local_state(path: Path) -> LocalState | None:
-    """The saved state, or None when this peer has none yet."""
-    if not path.exists():
-        return None
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        groups: dict[str, dict[str, torch.Tensor]] = {"w": {}, "o": {}, "e": {}}
-        for key, value in tensors.items():
-            prefix, _, name = key.partition(".")
-            groups[prefix][name] = value
-        return LocalState(
-            int(meta["window"]), int(meta["inner_step"]), groups["w"], groups["o"], groups["e"], json.loads(meta["meta"])
-        )
-    except (OSError, KeyError, ValueError, SafetensorError) as exc:
-        raise CheckpointError(f"local state {path} is unreadable: {exc}; move it away to start fresh") from exc
 
 
 def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tensor]) -> bool:

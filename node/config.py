@@ -1,11 +1,18 @@
-"""Node-local settings: what differs between machines of one run and never goes on the wire."""
+"""Node-local settings: what differs between machines of one run and never goes on the wire.
+
+What peers must agree on lives in the hashed run manifest (``protocol.manifest``); how this
+machine reaches the store lives in ``protocol.stores.StoreSettings``; timeouts and retries in
+``protocol.retry.RetryPolicy``. This is everything else a peer process needs to know.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import ManifestError
+from protocol.manifest import COMM_CHOICES, check_choice
+from protocol.retry import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -15,6 +22,7 @@ class NodeConfig:
     key_path: Path | None = None
     """ed25519 key file; default ``workdir/peer.key`` (created on first start)."""
     device: str = "cpu"
+    """Where the model trains: "cpu", "cuda" or "cuda:N". Default "cpu"."""
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
     min_peers: int = 1
@@ -22,21 +30,24 @@ class NodeConfig:
     max_windows: int = 0
     """Stop after the window with this index has been applied; 0 runs until interrupted."""
     poll_seconds: float = 0.2
-    """How often a waiting peer lists the store."""
+    """How often a waiting peer lists the store, in seconds."""
     eval_every: int = 1
     """Evaluate the shared model's held-out loss every this many windows; 0 never."""
     publish_checkpoints: bool = True
+    """Publish the global weights every ``run.checkpoint_every`` windows."""
     comm: str | None = None
     """Gradient communication between this peer's ranks ("none" or "loco"); None = the
     manifest's ``inner.comm``. Local to the peer: it never changes what goes on the wire."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on 127.0.0.1 at this port (0 = any free port); None = off."""
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    """Timeouts and retries of this node's network operations."""
 
     def __post_init__(self) -> None:
         if self.min_peers < 1:
             raise ManifestError("min_peers must be >= 1")
-        if self.comm not in (None, "none", "loco"):
-            raise ManifestError(f"comm must be 'none' or 'loco', not {self.comm!r}")
+        if self.comm is not None:
+            check_choice("--comm", self.comm, COMM_CHOICES)
         if self.poll_seconds <= 0:
             raise ManifestError("poll_seconds must be > 0")
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from node.loco import LocoConfig, LocoState, register_loco
+from protocol.manifest import COMM_CHOICES, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def wrap_ddp(
     **ddp_kwargs: Any,
 ) -> tuple[torch.nn.parallel.DistributedDataParallel, LocoState | None]:
     """DDP-wrap ``model``; ``comm`` is the manifest's ``inner.comm`` ("none" or "loco")."""
-    if comm not in ("none", "loco"):
-        raise ValueError(f"inner.comm={comm!r}: use 'none' (fp32 all-reduce) or 'loco' (4-bit LoCo)")
+    check_choice("inner.comm", comm, COMM_CHOICES)
     ids = [device.index] if device is not None and device.type == "cuda" else None
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **ddp_kwargs)
     state = register_loco(ddp, loco) if comm == "loco" else None

@@ -6,10 +6,11 @@ import logging
 import time
 
 from node.checkpoint import publish_checkpoint
-from node.data import TokenData, prepare
+from node.dataset import TokenData, prepare
+from node.follow import find_manifest
 from node.model import build_model
 from protocol import paths
-from protocol.errors import ManifestError, ObjectNotFound
+from protocol.errors import ManifestError
 from protocol.manifest import Manifest
 from protocol.stores.base import Store
 
@@ -23,10 +24,7 @@ def init_run(manifest: Manifest, store: Store) -> Manifest:
     hash. Re-running it on a store that already holds the same run returns that run's
     manifest; a store holding a different run is refused before anything is written.
     """
-    try:
-        existing = Manifest.from_bytes(store.get(paths.MANIFEST, max_bytes=1 << 20))
-    except ObjectNotFound:
-        existing = None
+    existing = find_manifest(store)
     if existing is not None:
         same = manifest.replace(run__genesis=existing.run.genesis, data__index_sha256=existing.data.index_sha256)
         if same.digest != existing.digest:

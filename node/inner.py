@@ -1,5 +1,8 @@
 """The inner loop: H AdamW steps on the peer's assigned batches (warmup + cosine schedule).
 
+The learning rate follows the run's global step: inner step i of window w is step
+``w * H + i`` for everyone, so a peer that joined late or caught up is in phase with the rest.
+
 Under ``torchrun`` the model is wrapped in DDP and each rank takes an equal slice of every
 assigned batch, so N GPUs of one peer train exactly what one device would, faster.
 """
@@ -28,9 +31,9 @@ def lr_at(step: int, cfg: InnerConfig) -> float:
 @dataclass
 class InnerResult:
     mean_loss: float
-    last_loss: float
+    """Mean training loss over the window's steps."""
     tokens: int
-    steps: int
+    """Tokens trained on (all ranks of the peer together)."""
 
 
 class InnerLoop:
@@ -40,7 +43,6 @@ class InnerLoop:
         self.model = model
         self.train_model = ddp_model or model
         self.cfg = cfg
-        self.step = 0
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -49,30 +51,29 @@ class InnerLoop:
             betas=(cfg.beta1, cfg.beta2),
         )
 
-    def train(self, batches: list[torch.Tensor]) -> InnerResult:
-        """One AdamW step per batch ([B, T+1] token ids); returns loss and tokens trained."""
+    def train(self, batches: list[torch.Tensor], window: int) -> InnerResult:
+        """One AdamW step per batch ([B, T+1] token ids) of ``window``; loss and tokens trained."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.train_model.train()
         losses = []
         tokens = 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             local = batch[rank::world] if world > 1 else batch
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, self.cfg)
+                group["lr"] = lr_at(window * self.cfg.steps + i, self.cfg)
             loss = lm_loss(self.train_model, local)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
-            self.step += 1
             value = loss.detach()
             if world > 1:
                 dist.all_reduce(value)
                 value /= world
             losses.append(float(value))
             tokens += batch.shape[0] * (batch.shape[1] - 1)
-        return InnerResult(sum(losses) / len(losses), losses[-1], tokens, len(batches))
+        return InnerResult(sum(losses) / len(losses), tokens)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """AdamW moments by parameter name, for the resumable state file."""
@@ -85,7 +86,7 @@ class InnerLoop:
                 out[f"adam.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
         return out
 
-    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, p in self.model.named_parameters():
             if f"adam.m.{name}" in tensors:
                 self.optimizer.state[p] = {
@@ -93,4 +94,3 @@ class InnerLoop:
                     "exp_avg_sq": tensors[f"adam.v.{name}"].to(p.device).clone(),
                     "step": tensors[f"adam.step.{name}"].reshape(()).clone(),
                 }
-        self.step = step

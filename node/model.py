@@ -38,7 +38,9 @@ try:
 except ImportError:  # transformers 4.x keeps it in modeling_utils
     from transformers.modeling_utils import no_init_weights
 
-from node.data import EOT_TOKEN, TokenData, heldout_ids
+from node.corpus import EOT_TOKEN
+from node.dataset import TokenData
+from protocol.assignment import heldout_ids
 from protocol.errors import ManifestError
 from protocol.manifest import ModelConfig
 
@@ -84,7 +86,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> transfo
         if getattr(config, "max_position_embeddings", max_seq_len) < max_seq_len:
             config.max_position_embeddings = max_seq_len
     elif cfg.preset in PRESETS:
-        # bos/eos = 0: node.data gives EOT_TOKEN id 0 in every tokenizer it trains.
+        # bos/eos = 0: node.corpus gives EOT_TOKEN id 0 in every tokenizer it trains.
         config = LlamaConfig(
             **PRESETS[cfg.preset],
             vocab_size=vocab_size,

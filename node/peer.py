@@ -1,7 +1,7 @@
-"""A peer: trains on its assigned data, publishes its compressed pseudo-gradient, applies
-the window's aggregate. ``Peer.run_window`` is the whole protocol for one window, in order:
+"""A peer: trains on its assigned data, publishes its compressed pseudo-gradient, applies the
+window's aggregate. ``Peer.run_window`` is the whole protocol for one window, in order:
 
-    inner loop -> pseudo-gradient -> error feedback + codec -> publish -> close/gather
+    inner loop -> pseudo-gradient -> error feedback + codec -> publish -> close -> gather
     -> aggregate -> outer step -> digest -> save state
 
 Under ``torchrun`` rank 0 speaks to the store; every rank trains a slice of each batch
@@ -10,66 +10,47 @@ Under ``torchrun`` rank 0 speaks to the store; every rank trains a slice of each
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import deque
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from node.accounting import Accounting
-from node.checkpoint import (
-    LocalState,
-    fetch_checkpoint,
-    latest_checkpoint,
-    load_local_state,
-    publish_checkpoint,
-    save_local_state,
-)
+from node.checkpoint import latest_checkpoint, publish_checkpoint
+from node.closing import Closer, validators_allow
 from node.config import NodeConfig
-from node.data import TokenData, assigned_batches
+from node.dataset import TokenData
 from node.ddp import wrap_ddp
 from node.exchange import Exchange, Gathered
-from node.inner import InnerLoop
+from node.follow import CloseReader, Follower, check_base, check_run_manifest, checkpoint_replica
+from node.inner import InnerLoop, InnerResult
 from node.metrics import SwarmMetrics, start_metrics_server
 from node.model import build_model, heldout_loss, param_shapes
+from node.progress import History, write_progress
 from node.replica import Replica
-from protocol import paths
+from node.state import LocalState, load_local_state, save_local_state
+from protocol.aggregate import aggregate
+from protocol.assignment import assigned_batches
 from protocol.close import CloseRecord
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import CompressedTensor, model_layout
-from protocol.errors import CheckpointError, ManifestError, ObjectNotFound, StoreError
+from protocol.errors import RETRYABLE, CheckpointError, StoreError
 from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.retention import gc_windows, retention_floor
-from protocol.scores import allowed_peers
 from protocol.stores.base import Store
 from protocol.stores.s3 import S3Store
 from protocol.wire import Expectation, encode_payload
 
 log = logging.getLogger(__name__)
 
-MAX_SCORE_LOOKBACK = 8
-"""Windows a closer looks back for validator scores when the lagged ones are missing."""
-
-
-def check_run_manifest(store: Store, manifest: Manifest) -> None:
-    """Refuse to join a store whose run was created with another manifest."""
-    try:
-        theirs = Manifest.from_bytes(store.get(paths.MANIFEST, max_bytes=1 << 20))
-    except ObjectNotFound as exc:
-        raise ManifestError(f"no run in {store.uri}: run `locoswarm init` first") from exc
-    if theirs.digest != manifest.digest:
-        raise ManifestError(
-            f"this peer's manifest ({manifest.run_key}) differs from the run's in {store.uri} "
-            f"({theirs.run_key}); refusing to mix"
-        )
+EXPECTED_WINDOWS = 2
+"""A window closes early once every peer of the last this many windows has published."""
 
 
 @dataclass
@@ -81,7 +62,6 @@ class WindowReport:
     rejected: list[tuple[str, str]]
     payload_bytes: int
     digest: str
-    history: list[dict] = field(default_factory=list)
 
 
 class Peer:
@@ -104,20 +84,34 @@ class Peer:
         self.shapes = param_shapes(self.model)
         self.layouts = model_layout(self.shapes, manifest.codec)
         ddp = None
+        self.comm = node.comm or manifest.inner.comm
         if self.world > 1:
-            comm = node.comm or manifest.inner.comm
-            ddp, _ = wrap_ddp(self.model, comm=comm, device=torch.device(node.device))
-            log.info("one peer on %d ranks, gradient communication %s", self.world, comm)
+            ddp, _ = wrap_ddp(self.model, comm=self.comm, device=torch.device(node.device))
+            log.info("one peer on %d ranks, gradient communication %s", self.world, self.comm)
         self.inner = InnerLoop(self.model, manifest.inner, ddp_model=ddp)
         self.ef = ErrorFeedback(self.layouts, manifest.codec, node.device)
-        self.exchange = Exchange(
-            store, self.identity, manifest.run_key, self.acct, poll_seconds=node.poll_seconds,
-            allowed_peers=self._allowed_peers if manifest.validators.keys else None, own_store=own_store,
-        )
-        self.history: list[dict] = []
+        self.exchange = Exchange(store, self.identity, manifest.run_key, self.acct, policy=node.policy,
+                                 own_store=own_store)
+        self.history = History(node.workdir / "history.jsonl")
+        self.last: dict = {}
+        """The newest history entry (the live display and ``up`` show it)."""
+        self.origin: dict = {}
+        """Where this replica's weights came from: local state or a checkpoint (progress file)."""
+        self.follower = Follower(manifest, store, self.exchange, self._restore(), self.layouts)
+        self.closer = Closer(store, self.identity, manifest.run_key, self.exchange, self.follower.closes, self.acct)
         self.metrics = SwarmMetrics(CollectorRegistry())
         self.last_close: CloseRecord | None = None
-        self.replica = self._restore()
+        self.recent_closes: deque[CloseRecord] = deque(maxlen=EXPECTED_WINDOWS)
+        self.replayed = 0
+
+    @property
+    def closes(self) -> CloseReader:
+        return self.follower.closes
+
+    @property
+    def replica(self) -> Replica:
+        """The global weights every honest replica agrees on (owned by the follower)."""
+        return self.follower.replica
 
     # ------------------------------------------------------------------ start
     def _restore(self) -> Replica:
@@ -125,17 +119,19 @@ class Peer:
         state = load_local_state(self.node.state_file) if self.leader else None
         if state is not None:
             replica = Replica(state.weights, state.window)
-            self.inner.load_optimizer_tensors(state.optimizer, state.inner_step)
+            self.inner.load_optimizer_tensors(state.optimizer)
             self.ef.load_state_dict(state.error_feedback)
-            self.acct = Accounting.from_dict(state.meta["accounting"])
-            self.exchange.acct = self.acct
-            self.history = state.meta.get("history", [])
+            self.acct.restore(state.meta["accounting"])
+            kept = self.history.truncate(before_window=replica.window)  # later entries are replayed
+            self.last = kept[-1] if kept else {}
+            self.origin = {"from": "state", "window": replica.window}
             log.info("resumed at window %d from %s", replica.window, self.node.state_file)
         elif self.leader:
             window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
             if window is None:
                 raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
-            replica = self._checkpoint_replica(window)
+            replica = checkpoint_replica(self.store, window, self.shapes)
+            self.origin = {"from": "checkpoint", "window": replica.window}
             log.info("starting from the published checkpoint of window %d", replica.window)
         else:
             replica = Replica(dict(self.model.named_parameters()), 0)
@@ -144,174 +140,117 @@ class Peer:
         replica.load_into(self.model)
         return replica
 
-    def _checkpoint_replica(self, window: int) -> Replica:
-        """The global weights of a published checkpoint, verified (hash, layout, digest)."""
-        weights, _ = fetch_checkpoint(self.store, window, self.shapes)
-        return Replica(weights, window)
-
-    # ------------------------------------------------------------------ helpers
-    def _expect(self, window: int) -> Callable[[str], Expectation]:
-        def expectation(peer: str) -> Expectation:
-            return Expectation(
-                run=self.manifest.run_key,
-                window=window,
-                layouts=self.layouts,
-                codec=self.manifest.codec,
-                max_bytes=self.manifest.outer.max_payload_bytes,
-                peer_id=peer,
-                base_digest=self.replica.digest,
-            )
-
-        return expectation
-
-    def _allowed_peers(self, window: int) -> set[str] | None:
-        """Whose payloads count in ``window``, from the trusted validators' lagged scores.
-
-        Called by the closer only, so its answer is fixed in the close record. It waits a
-        little for the scores of ``window - score_lag`` (validators work while peers train),
-        then falls back to the newest earlier scores; None (all count) only before any.
-        """
-        v = self.manifest.validators
-        lookup = lambda w: allowed_peers(self.store, self.manifest.run_key, w, v.score_lag, v.keys,  # noqa: E731
-                                         min_weight=v.min_weight)
-        give_up = min(self._deadline(), time.time() + self.manifest.run.window_seconds / 4)
-        while (allowed := lookup(window)) is None and window - v.score_lag >= 0 and time.time() < give_up:
-            time.sleep(self.node.poll_seconds)
-        for earlier in range(window - 1, max(-1, window - 1 - MAX_SCORE_LOOKBACK), -1):
-            if allowed is not None:
-                break
-            allowed = lookup(earlier)
-        return allowed
-
-    def _deadline(self) -> float:
-        base = self.last_close.closed_at if self.last_close else time.time()
-        return base + self.manifest.run.window_seconds
-
-    def _expected_peers(self) -> tuple[set[str], int]:
-        if self.last_close is not None and self.last_close.window == self.replica.window - 1:
-            return set(self.last_close.peers) | {self.peer_id}, 1
-        return {self.peer_id}, self.node.min_peers
-
-    def heldout_loss(self) -> float:
-        return heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
-
-    def _train(self, window: int):
-        ids = assigned_batches(
-            self.manifest.run.seed,
-            window,
-            self.peer_id,
-            self.manifest.inner.steps,
-            self.manifest.data.batch_size,
-            self.data.n_train,
-        )
-        batches = [self.data.batch(row).to(self.node.device) for row in ids]
-        with self.acct.phase("compute"):
-            result = self.inner.train(batches)
-        self.acct.tokens += result.tokens
-        return result
-
     # ------------------------------------------------------------------ the window
     def run_window(self) -> WindowReport:
         """Train, publish, close, gather, aggregate and step one window."""
         w = self.replica.window
-        self._progress("train", w)
-        result = self._train(w)
+        deadline = self.deadline()
+        result = self.train(w)                                                             # inner loop
         if not self.leader:
-            self.replica.broadcast()
-            self.replica.load_into(self.model)
-            return WindowReport(w, result.mean_loss, None, [], [], 0, "")
-
-        sent: dict[str, CompressedTensor] | None = None
-        payload_bytes = 0
-        close = self.exchange.read_close(w)
-        if close is None:
-            with self.acct.phase("compute"):
-                delta = self.replica.pseudo_gradient(self.model)
-                sent = self.ef.compress(delta)
-                blob = encode_payload(
-                    run=self.manifest.run_key,
-                    window=w,
-                    base_digest=self.replica.digest,
-                    tokens=result.tokens,
-                    tensors=sent,
-                    codec=self.manifest.codec,
-                    identity=self.identity,
-                )
-            payload_bytes = len(blob)
-            self._progress("publish", w, train_loss=result.mean_loss)
-            if not self.exchange.publish(w, blob, self._deadline()):
-                self.ef.restore(sent)
-                sent = None
-            self._progress("wait", w, train_loss=result.mean_loss)
-            expected, min_peers = self._expected_peers()
-            close, gathered = self.exchange.close(
-                w,
-                base_digest=self.replica.digest,
-                expected=expected,
-                min_peers=min_peers,
-                deadline=self._deadline(),
-                expect=self._expect(w),
-            )
-        else:
-            log.warning("window %d was closed before we published; applying it without our payload", w)
-            gathered = self.exchange.gather(close, self._expect(w))
-        if sent is not None and self.peer_id not in gathered.accepted:
+            return self.receive_window(w, result)
+        expect = self.follower.expectation(w)
+        with self.acct.phase("compute"):
+            sent = self.ef.compress(self.replica.pseudo_gradient(self.model))              # pseudo-gradient, EF, codec
+            blob = self.sign_payload(w, sent, result.tokens)
+        self.progress("publish", w, train_loss=result.mean_loss)
+        published = self.exchange.publish(w, blob, deadline)                               # publish
+        close = self.wait_for_close(w, expect, deadline)                                   # close
+        gathered = self.exchange.gather(close, expect)                                     # gather
+        if not published or self.peer_id not in gathered.accepted:
             self.ef.restore(sent)  # the network did not take it: keep it for a later window
-        report = self._apply(close, gathered, train_loss=result.mean_loss, payload_bytes=payload_bytes)
+        self.progress("aggregate", w, train_loss=result.mean_loss)
+        with self.acct.phase("aggregate"):
+            check_base(self.replica, close)
+            outer = self.manifest.outer
+            update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip)  # aggregate
+            self.replica.apply(update, outer.lr)                                          # outer step
+            self.replica.load_into(self.model)
+        report = self.record(close, gathered, train_loss=result.mean_loss, payload_bytes=len(blob))  # digest
+        self.save()                                                                        # resumable state
+        self.housekeeping(close)                                                           # checkpoint, gc
         if self.world > 1:
             self.replica.broadcast()
         return report
 
-    def _apply(self, close: CloseRecord, gathered: Gathered, *, train_loss: float | None, payload_bytes: int) -> WindowReport:
-        """Aggregate the close record's payloads and take the outer step."""
+    def train(self, window: int) -> InnerResult:
+        """H inner steps on the batches assigned to us for ``window``."""
+        self.progress("train", window)
+        ids = assigned_batches(self.manifest.run.seed, window, self.peer_id, self.manifest.inner.steps,
+                               self.manifest.data.batch_size, self.data.n_train)
+        batches = [self.data.batch(row).to(self.node.device) for row in ids]
+        with self.acct.phase("compute"):
+            result = self.inner.train(batches, window)
+        self.acct.tokens += result.tokens
+        return result
+
+    def wait_for_close(self, window: int, expect: Expectation, deadline: float) -> CloseRecord:
+        """Poll until the window is closed: read another participant's record, or, once the
+        window may close, learn whose payloads the validators allow and write our own."""
+        with self.acct.phase("wait"):
+            while True:
+                self.progress("wait", window)
+                try:
+                    if (close := self.closes.first_valid(window)) is not None:
+                        return close
+                    if (present := self.closer.ready(window, deadline=deadline, **self.expected_peers())) is not None:
+                        give_up = min(deadline, time.time() + self.manifest.run.window_seconds / 4)
+                        allowed = validators_allow(self.store, self.manifest, window, give_up=give_up,
+                                                   poll_seconds=self.node.poll_seconds)
+                        return self.closer.write(window, expect, present, allowed)
+                except RETRYABLE as exc:  # nobody can close a window while the store is down
+                    log.warning("window %d: store unavailable while waiting: %s", window, exc)
+                    self.acct.store_errors += 1
+                time.sleep(self.node.poll_seconds)
+
+    def sign_payload(self, window: int, sent: dict[str, CompressedTensor], tokens: int) -> bytes:
+        return encode_payload(run=self.manifest.run_key, window=window, base_digest=self.replica.digest, tokens=tokens,
+                              tensors=sent, codec=self.manifest.codec, identity=self.identity)
+
+    def receive_window(self, window: int, result: InnerResult) -> WindowReport:
+        """A non-leader rank: take the window's new global weights from rank 0."""
+        self.replica.broadcast()
+        self.replica.load_into(self.model)
+        return WindowReport(window, result.mean_loss, None, [], [], 0, "")
+
+    def deadline(self) -> float:
+        """When the open window closes at the latest: ``window_seconds`` after the previous one."""
+        previous = self.last_close
+        base = previous.closed_at if previous and previous.window == self.replica.window - 1 else time.time()
+        return base + self.manifest.run.window_seconds
+
+    def expected_peers(self) -> dict:
+        """Who must publish before the window may close early: the peers of the last
+        ``EXPECTED_WINDOWS`` windows. Remembering more than one window lets a network re-merge
+        after an outage that made one window close with fewer peers (or none)."""
+        recent = [c for c in self.recent_closes if c.window >= self.replica.window - EXPECTED_WINDOWS]
+        if recent and recent[-1].window == self.replica.window - 1:
+            return {"expected": {p for c in recent for p in c.peers} | {self.peer_id}, "min_peers": 1}
+        return {"expected": {self.peer_id}, "min_peers": self.node.min_peers}
+
+    def heldout_loss(self) -> float:
+        return heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
+
+    # ------------------------------------------------------------------ after a window
+    def record(self, close: CloseRecord, gathered: Gathered, *, train_loss: float | None,
+               payload_bytes: int) -> WindowReport:
+        """History, metrics and progress for an applied window (evaluated every ``eval_every``)."""
         w = close.window
-        if close.base_digest != self.replica.digest:
-            raise CheckpointError(
-                f"window {w}: the network's base digest {close.base_digest.hex()[:12]} differs from ours "
-                f"{self.replica.digest.hex()[:12]}; this replica is out of sync (remove {self.node.state_file} to resync)"
-            )
         for peer, reason in gathered.rejected:
             log.warning("window %d: payload of %s not aggregated: %s", w, peer, reason)
-        self._progress("aggregate", w, train_loss=train_loss)
-        with self.acct.phase("aggregate"):
-            self.replica.apply_window(
-                {p: payload.tensors for p, payload in gathered.accepted.items()}, self.layouts, self.manifest.outer
-            )
-            self.replica.load_into(self.model)
         self.last_close = close
-        heldout = None
-        if self.node.eval_every and (self.replica.window % self.node.eval_every == 0):
-            heldout = self.heldout_loss()
+        self.recent_closes.append(close)
+        heldout = self.heldout_loss() if self.node.eval_every and self.replica.window % self.node.eval_every == 0 else None
         entry = {
-            "window": w,
-            "train_loss": train_loss,
-            "heldout_loss": heldout,
-            "included": len(gathered.accepted),
-            "rejected": len(gathered.rejected),
-            "payload_bytes": payload_bytes,
-            "bytes_up": self.acct.bytes_up,
-            "bytes_down": self.acct.bytes_down,
-            "digest": self.replica.digest.hex(),
-            "time": time.time(),
+            "window": w, "train_loss": train_loss, "heldout_loss": heldout, "included": len(gathered.accepted),
+            "rejected": len(gathered.rejected), "payload_bytes": payload_bytes, "bytes_up": self.acct.bytes_up,
+            "bytes_down": self.acct.bytes_down, "digest": self.replica.digest.hex(), "time": time.time(),
         }
         self.history.append(entry)
+        self.last = entry
         self._export_metrics(entry, close, gathered)
-        self._save()
-        try:
-            if (
-                self.node.publish_checkpoints
-                and self.replica.window % self.manifest.run.checkpoint_every == 0
-                and publish_checkpoint(self.store, self.replica.window, self.replica.params)
-            ):
-                log.info("published the checkpoint of window %d", self.replica.window)
-            if close.closer == self.peer_id:  # one peer per window collects garbage: the closer
-                self._collect_garbage()
-        except StoreError as exc:  # any replica can publish it; the next closer collects
-            log.warning("window %d: checkpoint or garbage collection skipped: %s", w, exc)
-        self._progress("done", w, train_loss=train_loss)
-        return WindowReport(
-            w, train_loss, heldout, sorted(gathered.accepted), gathered.rejected, payload_bytes, self.replica.digest.hex()
-        )
+        self.progress("done", w, train_loss=train_loss)
+        return WindowReport(w, train_loss, heldout, sorted(gathered.accepted), gathered.rejected, payload_bytes,
+                            self.replica.digest.hex())
 
     def _export_metrics(self, entry: dict, close: CloseRecord, gathered: Gathered) -> None:
         m = self.metrics
@@ -327,31 +266,48 @@ class Peer:
         m.bytes_sent.set(self.acct.bytes_up)
         m.bytes_received.set(self.acct.bytes_down)
 
+    def save(self) -> None:
+        """Write the resumable state (atomically: a kill leaves the old or the new one)."""
+        meta = {"accounting": self.acct.to_dict(), "peer_id": self.peer_id}
+        state = LocalState(self.replica.window, self.replica.params, self.inner.optimizer_tensors(),
+                           self.ef.state_dict(), meta)
+        save_local_state(self.node.state_file, state)
+
+    def housekeeping(self, close: CloseRecord) -> None:
+        """Publish the checkpoint when one is due; the window's closer collects old windows."""
+        try:
+            if (
+                self.node.publish_checkpoints
+                and self.replica.window % self.manifest.run.checkpoint_every == 0
+                and publish_checkpoint(self.store, self.replica.window, self.replica.params)
+            ):
+                log.info("published the checkpoint of window %d", self.replica.window)
+            if close.closer == self.peer_id:
+                newest = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
+                if newest is not None:
+                    gc_windows(self.store, retention_floor(self.replica.window, newest, self.manifest.run.keep_windows))
+        except StoreError as exc:  # any replica can publish it; the next closer collects
+            log.warning("window %d: checkpoint or garbage collection skipped: %s", close.window, exc)
+
+    # ------------------------------------------------------------------ catching up, running
     def catch_up(self) -> int:
         """Apply every window that others already closed; returns how many were replayed."""
-        n = 0
-        while True:
-            close = self.exchange.read_close(self.replica.window)
-            if close is None:
-                if not self._jump_to_checkpoint():
-                    return n
-                continue
-            self._progress("catch-up", self.replica.window)
-            self._apply(close, self.exchange.gather(close, self._expect(close.window)), train_loss=None, payload_bytes=0)
+        n, jumps = 0, self.follower.jumps
+        while (close := self.follower.next_closed()) is not None:
+            self.progress("catch-up", close.window)
+            gathered = self.follower.gather(close)
+            self.follower.advance(close, gathered)
+            self.replica.load_into(self.model)
+            self.record(close, gathered, train_loss=None, payload_bytes=0)
+            self.save()
+            self.housekeeping(close)
             n += 1
-
-    def _jump_to_checkpoint(self) -> bool:
-        """If the run moved past a checkpoint newer than us, its old windows may be collected:
-        restart from that checkpoint instead of waiting on a window nobody will close."""
-        window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
-        if window is None or window <= self.replica.window:
-            return False
-        log.warning("window %d is gone from the store; jumping to the checkpoint of window %d",
-                    self.replica.window, window)
-        self.replica = self._checkpoint_replica(window)
-        self.replica.load_into(self.model)
-        self.last_close = None
-        return True
+        if self.follower.jumps != jumps:  # restarted from a newer checkpoint
+            self.replica.load_into(self.model)
+            if self.last_close is not None and self.last_close.window != self.replica.window - 1:
+                self.last_close = None
+        self.replayed += n
+        return n
 
     def run(self) -> None:
         """Catch up, then run windows until ``max_windows`` (or forever)."""
@@ -367,63 +323,39 @@ class Peer:
 
     def _run(self) -> None:
         if self.leader:
-            if not self.history:
-                self.history.append(
-                    {"window": self.replica.window - 1, "heldout_loss": self.heldout_loss(), "bytes_up": 0,
-                     "bytes_down": 0, "digest": self.replica.digest.hex(), "time": time.time()}
-                )
+            if not self.last:  # the model we start from: the first point of every loss curve
+                self.last = {"window": self.replica.window - 1, "heldout_loss": self.heldout_loss(), "bytes_up": 0,
+                             "bytes_down": 0, "digest": self.replica.digest.hex(), "time": time.time()}
+                self.history.append(self.last)
             replayed = self.catch_up()
             if replayed:
                 log.info("caught up %d windows; now at window %d", replayed, self.replica.window)
         if self.world > 1:
             self.replica.broadcast()
             self.replica.load_into(self.model)
+        self.wait_for_genesis()
         while not self.node.max_windows or self.replica.window < self.node.max_windows:
             if self.world == 1:
                 self.catch_up()  # fell behind (slow or suspended): skip straight to the open window
                 if self.node.max_windows and self.replica.window >= self.node.max_windows:
                     break
             self.run_window()
-        self._progress("finished", self.replica.window)
+        self.progress("finished", self.replica.window)
 
-    def _collect_garbage(self) -> None:
-        window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
-        if window is not None:
-            gc_windows(self.store, retention_floor(self.replica.window, window, self.manifest.run.keep_windows))
+    def wait_for_genesis(self) -> None:
+        """Window 0 opens at the manifest's genesis time: whoever starts earlier waits for it."""
+        while self.replica.window == 0 and (left := self.manifest.run.genesis - time.time()) > 0:
+            self.progress("genesis", 0, seconds_left=round(left, 1))
+            time.sleep(min(left, 1.0))
 
-    # ------------------------------------------------------------------ persistence
-    def _save(self) -> None:
-        meta = {"accounting": self.acct.to_dict(), "history": self.history, "peer_id": self.peer_id}
-        state = LocalState(
-            self.replica.window, self.inner.step, self.replica.params, self.inner.optimizer_tensors(),
-            self.ef.state_dict(), meta,
-        )
-        save_local_state(self.node.state_file, state)
-
-    def _progress(self, phase: str, window: int, **extra: object) -> None:
+    def progress(self, phase: str, window: int, **extra: object) -> None:
+        """Replace the progress file: what this peer is doing now (rank 0 only)."""
         if not self.leader:
             return
-        info = {
-            "peer": self.peer_id,
-            "pid": os.getpid(),
-            "phase": phase,
-            "window": window,
+        write_progress(self.node.progress_file, {
+            "peer": self.peer_id, "pid": os.getpid(), "phase": phase, "window": window,
             "params": sum(layout.numel for layout in self.layouts.values()),
-            "digest": self.replica.digest.hex() if hasattr(self, "replica") else "",
-            "accounting": self.acct.to_dict(),
-            "history": self.history,
-            **extra,
-        }
-        path = self.node.progress_file
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".progress-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, path)
-
-
-def read_progress(path: Path) -> dict | None:
-    """A peer's last progress snapshot, or None if it has not written one yet."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+            "digest": self.replica.digest.hex(),
+            "origin": self.origin, "replayed": self.replayed, "ranks": self.world, "comm": self.comm,
+            "accounting": self.acct.to_dict(), "last": self.last, **extra,
+        })

@@ -11,10 +11,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from protocol.aggregate import aggregate
-from protocol.codec_types import CompressedTensor, TensorLayout
 from protocol.digest import weights_digest
-from protocol.manifest import OuterConfig
 
 
 class Replica:
@@ -48,16 +45,6 @@ class Replica:
                     p.sub_(aggregate[n].to(p.device), alpha=lr)
         self.window += 1
         self._digest = None
-
-    def apply_window(
-        self,
-        contributions: Mapping[str, Mapping[str, CompressedTensor]],
-        layouts: Mapping[str, TensorLayout],
-        outer: OuterConfig,
-    ) -> None:
-        """Aggregate one window's accepted payloads (by peer id) and take the outer step."""
-        ordered = ((peer, contributions[peer]) for peer in sorted(contributions))
-        self.apply(aggregate(ordered, layouts, rule=outer.rule, clip=outer.clip), outer.lr)
 
     def broadcast(self, src: int = 0) -> None:
         """Under torchrun: every rank takes rank ``src``'s window and global weights."""

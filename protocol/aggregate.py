@@ -33,11 +33,10 @@ import torch
 from protocol.codec import flat_positions, sparse_values
 from protocol.codec_types import LEVELS, CompressedTensor, TensorLayout
 from protocol.errors import LayoutMismatch
+from protocol.manifest import OUTER_CLIPS, OUTER_RULES, check_choice
 
 log = logging.getLogger(__name__)
 
-RULES = ("mean_selected", "mean")
-CLIPS = ("median", "none")
 
 
 def tensor_norm(c: CompressedTensor) -> float:
@@ -52,11 +51,6 @@ def tensor_norm(c: CompressedTensor) -> float:
     scales = c.scales().to(torch.float64)
     per_chunk = scales * scales * (n_low * (lo * lo) + n_high * (hi * hi))
     return math.sqrt(math.fsum(per_chunk.cpu().tolist()))
-
-
-def contribution_norms(tensors: Mapping[str, CompressedTensor]) -> dict[str, float]:
-    """Per-tensor L2 norms of one peer's decoded contribution (for clipping and validators)."""
-    return {name: tensor_norm(c) for name, c in tensors.items()}
 
 
 def clip_factors(norms: Mapping[str, float]) -> dict[str, float]:
@@ -94,12 +88,11 @@ def aggregate(
     fine; it is consumed once). The result is bit-identical for any order of the same
     contributions and any ``torch.set_num_threads``. With no contributions every tensor is
     zero. Raises ``LayoutMismatch`` for a contribution whose tensors differ from
-    ``layouts`` and ``ValueError`` for a repeated peer id or an unknown rule/clip.
+    ``layouts``, ``ValueError`` for a repeated peer id and ``ManifestError`` for an unknown
+    rule or clip (the manifest's own check).
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown aggregation rule {rule!r}; use one of {RULES}")
-    if clip not in CLIPS:
-        raise ValueError(f"unknown clipping {clip!r}; use one of {CLIPS}")
+    check_choice("outer.rule", rule, OUTER_RULES)
+    check_choice("outer.clip", clip, OUTER_CLIPS)
 
     peers: dict[str, Mapping[str, CompressedTensor]] = {}
     for peer, tensors in contributions:

@@ -253,13 +253,6 @@ def decompress(c: CompressedTensor) -> torch.Tensor:
     return out.reshape(layout.shape)
 
 
-def compress_model(
-    tensors: Mapping[str, torch.Tensor], layouts: Mapping[str, TensorLayout]
-) -> dict[str, CompressedTensor]:
-    """``compress`` every tensor of a model, in the layouts' (wire) order; no error feedback."""
-    return {name: compress(tensors[name], layout) for name, layout in layouts.items()}
-
-
 class ErrorFeedback:
     """Per-model error-feedback buffers: what we owe the network but have not sent yet.
 
@@ -285,9 +278,7 @@ class ErrorFeedback:
     def __init__(self, layouts: Mapping[str, TensorLayout], cfg: CodecConfig, device: torch.device | str = "cpu"):
         self.layouts = dict(layouts)
         self.beta = float(cfg.ef_beta)
-        self.rule = cfg.ef_rule
-        if self.rule not in ("sparseloco", "loco"):
-            raise ValueError(f"unknown error-feedback rule {self.rule!r}; use 'sparseloco' or 'loco'")
+        self.rule = cfg.ef_rule  # validated by CodecConfig
         self.device = torch.device(device)
         self.buffers: dict[str, torch.Tensor] = {
             name: torch.zeros(layout.shape, dtype=torch.float32, device=self.device)

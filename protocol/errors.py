@@ -15,10 +15,19 @@
     ├── RecordRejected           a signed record (announcement, score, close) is invalid
     ├── StoreError               a store operation failed (carries key)
     │   ├── ObjectNotFound       no such object
-    │   ├── StoreTimeout         the store did not answer in time
-    │   ├── StoreUnavailable     connection refused, server error, DHT unreachable
+    │   ├── ObjectTooLarge       over the reader's cap (checked before the body is read)
+    │   ├── AccessDenied         credentials missing, refused or expired; presigned URL invalid
+    │   ├── BucketNotFound       the bucket (or store root) does not exist
+    │   ├── InvalidKey           a key that no store may hold (escapes the prefix, nests objects)
+    │   ├── StoreTimeout         the store did not answer in time          } retried: RETRYABLE
+    │   ├── StoreUnavailable     connection refused, server error, DHT    }
     │   └── IntegrityError       downloaded bytes do not match the announced hash or size
-    └── CheckpointError          a checkpoint is missing, corrupt, or from another run
+    ├── CheckpointError          a checkpoint is missing, corrupt, or from another run
+    └── ReplicaDiverged          our global weights are not the ones the network agreed on
+
+Only ``RETRYABLE`` errors are worth another attempt: a timeout or an outage may pass; an
+object over its cap, a refused credential or a missing bucket will not, and retrying them
+would hide the problem (``protocol.retry`` is the one place that retries).
 
 Foreign errors (botocore, OSError, hivemind) are translated into these at the store
 boundary, with the original chained as ``__cause__``.
@@ -102,6 +111,22 @@ class ObjectNotFound(StoreError):
     """No object under that key."""
 
 
+class ObjectTooLarge(StoreError):
+    """The object is over the reader's cap; refused before (or while) reading its body."""
+
+
+class AccessDenied(StoreError):
+    """The store refused our credentials, or has none to use; retrying will not help."""
+
+
+class BucketNotFound(StoreError):
+    """The bucket or store root does not exist; ``--create-bucket`` at ``init`` makes it."""
+
+
+class InvalidKey(StoreError):
+    """A key no store may hold: outside the run prefix, malformed, or nesting another object."""
+
+
 class StoreTimeout(StoreError):
     """The store did not answer in time."""
 
@@ -116,3 +141,14 @@ class IntegrityError(StoreError):
 
 class CheckpointError(LocoError):
     """A checkpoint is missing, corrupt or belongs to another run."""
+
+
+class ReplicaDiverged(LocoError):
+    """This replica's global weights differ from the ones the network agreed on.
+
+    Raised when a window's agreed base digest is not ours: applying it would fork the run.
+    """
+
+
+RETRYABLE: tuple[type[StoreError], ...] = (StoreTimeout, StoreUnavailable)
+"""Store errors that may pass by themselves; every other ``StoreError`` is final."""

@@ -20,29 +20,50 @@ from typing import Any
 from protocol.errors import ManifestError
 
 
+COMM_CHOICES = ("none", "loco")
+"""Gradient communication between the ranks of one multi-GPU peer."""
+EF_RULES = ("sparseloco", "loco")
+OUTER_RULES = ("mean_selected", "mean")
+OUTER_CLIPS = ("median", "none")
+
+
+def check_choice(where: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``; else a ``ManifestError`` naming them (the one
+    check of every enumerated option, used by the manifest and by node-local overrides)."""
+    if value not in choices:
+        raise ManifestError(f"{where} must be one of {', '.join(repr(c) for c in choices)}, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class RunConfig:
     id: str = "local"
-    """Human name of the run; with the manifest hash it forms ``run_key``."""
+    """Human name of the run (letters, digits, '-', '_', '.'); with the manifest hash it forms
+    ``run_key``. Default "local"."""
     seed: int = 1234
-    """Seeds genesis weights, data assignment and held-out sampling."""
+    """Seeds genesis weights, data assignment and the held-out split. Default 1234."""
     genesis: float = 0.0
-    """Unix time at which window 0 opens (``locoswarm init`` sets it to now)."""
+    """Unix time (seconds) at which window 0 opens: peers that start earlier wait for it
+    before training window 0. 0 means "when ``locoswarm init`` runs" (init writes the time).
+    Default 0."""
     window_seconds: float = 60.0
-    """Publish deadline: a window closes at most this many seconds after the previous one."""
+    """Seconds a window stays open for payloads after the previous window closed (window 0:
+    after genesis); it closes earlier once every expected peer has published. Default 60."""
     grace_seconds: float = 2.0
-    """How long after a window closes a late gatherer keeps listing before it gives up."""
+    """Seconds after a window's close during which a validator still counts an upload as on
+    time (store clocks and listings lag a little). Default 2."""
     checkpoint_every: int = 5
-    """Publish a full checkpoint every this many windows (late joiners start from it)."""
+    """Publish the global weights every this many windows (late joiners start from them).
+    Default 5."""
     keep_windows: int = 20
-    """Garbage collection: payloads older than this many windows *and* older than the latest
-    checkpoint are deleted; checkpoints and what a late joiner needs are kept."""
+    """Garbage collection: a window's objects are deleted once it is this many windows old
+    *and* older than the newest checkpoint, so late joiners can always replay. Default 20."""
 
     def __post_init__(self) -> None:
         if not self.id or not all(c.isalnum() or c in "-_." for c in self.id):
             raise ManifestError(f"run.id {self.id!r} must be non-empty letters, digits, '-', '_' or '.'")
-        if self.window_seconds <= 0:
-            raise ManifestError("run.window_seconds must be > 0")
+        if self.window_seconds <= 0 or self.grace_seconds < 0 or self.genesis < 0:
+            raise ManifestError("run.window_seconds must be > 0, run.grace_seconds and run.genesis >= 0")
         if self.checkpoint_every < 1:
             raise ManifestError("run.checkpoint_every must be >= 1")
         if self.keep_windows < self.checkpoint_every:
@@ -52,34 +73,36 @@ class RunConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"
-    """One of node.model.PRESETS (tiny, 25m, 150m, 1b), or "hf" with ``hf_config``."""
+    """One of ``node.model.PRESETS`` (tiny, 25m, 150m, 1b), or "hf" with ``hf_config``.
+    Default "tiny"."""
     hf_config: str = ""
-    """Path to a Hugging Face config.json (used when preset = "hf")."""
+    """Path of a Hugging Face config.json, read when ``preset = "hf"``. Default ""."""
     dtype: str = "float32"
-    """Dtype of the global weights; the outer step is always done in float32."""
+    """Dtype of the global weights; the outer step is always float32. Default "float32"."""
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
     vocab_size: int = 2048
-    """BPE vocabulary size trained by ``locoswarm init`` on the run's corpus."""
+    """BPE vocabulary size ``locoswarm init`` trains on the run's corpus. Default 2048."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"
     """"stdlib" (Python's own standard library sources, sorted: on every machine), a local
-    text file or folder, token shards (.npy/.bin), or a saved HF ``datasets`` directory."""
+    text file or folder, token shards (.npy/.bin), "store:<key>" for shards already in the
+    store, or a saved HF ``datasets`` directory. Default "stdlib"."""
     max_chars: int = 6_000_000
-    """Cap on corpus characters read from text sources (keeps init fast)."""
+    """Characters read from text sources at most (keeps init fast). Default 6,000,000."""
     seq_len: int = 128
-    """Tokens per training sequence."""
+    """Tokens per training sequence. Default 128."""
     batch_size: int = 8
-    """Sequences per inner step per peer."""
+    """Sequences per inner step per peer. Default 8."""
     heldout_fraction: float = 0.05
-    """Share of sequences reserved for held-out evaluation; never assigned to a peer."""
+    """Share of sequences held out for evaluation, never assigned to a peer. Default 0.05."""
     eval_sequences: int = 64
-    """Held-out sequences used to report the shared model's loss."""
+    """Held-out sequences the shared model's loss is reported on. Default 64."""
     index_sha256: str = ""
     """SHA-256 of the run's data index, set by ``locoswarm init``: pins tokenizer and shards,
     so nobody who can write to the store can swap the data under a running run."""
@@ -87,50 +110,58 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.heldout_fraction < 0.5:
             raise ManifestError("data.heldout_fraction must be in (0, 0.5)")
-        if self.seq_len < 8 or self.batch_size < 1:
-            raise ManifestError("data.seq_len must be >= 8 and data.batch_size >= 1")
+        if self.seq_len < 8 or self.batch_size < 1 or self.eval_sequences < 1 or self.max_chars < 1:
+            raise ManifestError("data.seq_len must be >= 8; data.batch_size, eval_sequences and max_chars >= 1")
 
 
 @dataclass(frozen=True)
 class InnerConfig:
     steps: int = 20
-    """H: local AdamW steps per window (SparseLoCo paper uses H=15..50)."""
+    """H: local AdamW steps per window (the SparseLoCo paper uses H = 15..50). Default 20."""
     lr: float = 2e-3
-    """Peak AdamW learning rate."""
+    """Peak AdamW learning rate. Default 0.002."""
     warmup_steps: int = 40
-    """Linear warmup, counted in inner steps across windows."""
+    """Linear warmup, in inner steps counted across windows. Default 40."""
     total_steps: int = 2000
-    """Cosine decay horizon in inner steps; lr holds at min after it."""
+    """Cosine decay horizon in inner steps; the rate holds at its minimum after. Default 2000."""
     min_lr_ratio: float = 0.1
+    """Floor of the cosine schedule, as a fraction of ``lr``. Default 0.1."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices (not norms or biases). Default 0.1."""
     beta1: float = 0.9
+    """AdamW first-moment decay. Default 0.9."""
     beta2: float = 0.95
+    """AdamW second-moment decay. Default 0.95."""
     grad_clip: float = 1.0
+    """Global gradient-norm clip per inner step; 0 turns it off. Default 1.0."""
     comm: str = "none"
-    """Gradient communication inside a multi-GPU peer: "none" (fp32 DDP) or "loco"."""
+    """Gradient communication inside a multi-GPU peer: "none" (fp32 DDP all-reduce) or "loco"
+    (4-bit with error compensation). Default "none"."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ManifestError("inner.steps (H) must be >= 1")
-        if self.comm not in ("none", "loco"):
-            raise ManifestError(f"inner.comm must be 'none' or 'loco', not {self.comm!r}")
+        if self.steps < 1 or self.warmup_steps < 0 or self.total_steps < 1:
+            raise ManifestError("inner.steps (H) and inner.total_steps must be >= 1, inner.warmup_steps >= 0")
+        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.grad_clip < 0:
+            raise ManifestError("inner.lr must be > 0, inner.min_lr_ratio in [0, 1], inner.grad_clip >= 0")
+        check_choice("inner.comm", self.comm, COMM_CHOICES)
 
 
 @dataclass(frozen=True)
 class CodecConfig:
     chunk: int = 4096
-    """Elements per chunk (SparseLoCo paper, Sec. 3: chunked top-k)."""
+    """Elements per chunk (SparseLoCo paper, Sec. 3: chunked top-k). Default 4096."""
     tile: int = 64
-    """2-D weights whose both dims divide by ``tile`` are chunked as tile x tile blocks."""
+    """2-D weights whose both dims divide by ``tile`` are chunked as tile x tile blocks;
+    ``tile ** 2`` must equal ``chunk``. Default 64."""
     topk: int = 64
-    """Values kept per chunk (64/4096 = 1.56% density)."""
+    """Values kept per chunk (64 / 4096 = 1.56% density). Default 64."""
     bits: int = 2
-    """Bits per kept value (2 = sign + one magnitude bit)."""
+    """Bits per kept value (2 = sign + one magnitude bit; wire version 1 supports only 2)."""
     ef_beta: float = 0.95
-    """Error-feedback decay: e <- beta*e + delta."""
+    """Error-feedback decay: e <- beta * e + delta. Default 0.95."""
     ef_rule: str = "sparseloco"
     """"sparseloco" (accumulate, subtract what was sent) or "loco" (moving average of the
-    compression error, Xie et al. 2024)."""
+    compression error, Xie et al. 2024). Default "sparseloco"."""
 
     def __post_init__(self) -> None:
         if self.tile * self.tile != self.chunk:
@@ -143,55 +174,42 @@ class CodecConfig:
             raise ManifestError("codec.bits: only 2 is supported by wire version 1")
         if not 0.0 <= self.ef_beta < 1.0:
             raise ManifestError("codec.ef_beta must be in [0, 1)")
-        if self.ef_rule not in ("sparseloco", "loco"):
-            raise ManifestError(f"codec.ef_rule must be 'sparseloco' or 'loco', not {self.ef_rule!r}")
+        check_choice("codec.ef_rule", self.ef_rule, EF_RULES)
 
 
 @dataclass(frozen=True)
 class OuterConfig:
     rule: str = "mean_selected"
-    """"mean_selected": each coordinate is the mean over the peers that sent it (reference);
-    "mean": plain sum divided by the number of peers."""
+    """"mean_selected": each coordinate is the mean over the peers that sent it (the reference
+    rule); "mean": the sum divided by the number of peers. Default "mean_selected"."""
     lr: float = 1.0
-    """alpha in theta <- theta - alpha * aggregate (plain SGD; EF plays the momentum role)."""
+    """alpha in theta <- theta - alpha * aggregate (plain SGD; error feedback plays the
+    momentum role). Default 1.0."""
     clip: str = "median"
-    """"median": each peer's contribution per tensor is clipped to the median norm; "none"."""
+    """"median": each peer's contribution per tensor is clipped to the median norm; "none".
+    Default "median"."""
     max_payload_bytes: int = 256 * 1024 * 1024
-    """Refuse payload objects larger than this before downloading them whole."""
+    """Bytes: payload objects larger than this are refused before they are read. Default 256 MiB."""
 
     def __post_init__(self) -> None:
-        if self.rule not in ("mean_selected", "mean"):
-            raise ManifestError(f"outer.rule must be 'mean_selected' or 'mean', not {self.rule!r}")
-        if self.clip not in ("median", "none"):
-            raise ManifestError(f"outer.clip must be 'median' or 'none', not {self.clip!r}")
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    uri: str = "file://runs/local/store"
-    """Where payloads, records and checkpoints live: file://, s3://bucket/prefix or p2p://."""
-    endpoint_url: str = ""
-    """S3: endpoint of an S3-compatible service (R2, MinIO); empty for AWS."""
-    region: str = ""
-    addressing_style: str = "auto"
-    profile: str = ""
-    """S3: named AWS profile for credentials; empty = the standard AWS credential chain."""
-    initial_peers: tuple[str, ...] = ()
-    """p2p: multiaddrs of peers to bootstrap the DHT from."""
-    request_timeout: float = 20.0
-    """Seconds one store request may take before it is retried."""
-    retries: int = 4
-    """Attempts per request, with exponential backoff and jitter."""
+        check_choice("outer.rule", self.rule, OUTER_RULES)
+        check_choice("outer.clip", self.clip, OUTER_CLIPS)
+        if self.lr <= 0 or self.max_payload_bytes < 1:
+            raise ManifestError("outer.lr and outer.max_payload_bytes must be > 0")
 
 
 @dataclass(frozen=True)
 class ValidatorsConfig:
     keys: tuple[str, ...] = ()
-    """Hex ed25519 public keys whose score records peers trust."""
+    """Hex ed25519 public keys of the validators whose score records peers trust. Default none."""
     score_lag: int = 2
-    """Peers use the scores published for window w - score_lag when aggregating window w."""
+    """Window w aggregates by the scores published for window ``w - score_lag``. Default 2."""
     min_weight: float = 0.0
-    """Peers whose combined weight is at or below this are left out of aggregation."""
+    """Peers whose combined weight is at or below this are left out. Default 0."""
+
+    def __post_init__(self) -> None:
+        if self.score_lag < 1 or not 0.0 <= self.min_weight < 1.0:
+            raise ManifestError("validators.score_lag must be >= 1 and validators.min_weight in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -203,7 +221,6 @@ class Manifest:
     inner: InnerConfig = field(default_factory=InnerConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
     validators: ValidatorsConfig = field(default_factory=ValidatorsConfig)
 
     def to_dict(self) -> dict[str, Any]:

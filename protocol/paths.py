@@ -77,3 +77,13 @@ def window_of_key(key: str) -> int | None:
     if len(parts) >= 2 and parts[0] in ("windows", "checkpoints", "scores") and parts[1].isdigit():
         return int(parts[1])
     return None
+
+
+DATA_INDEX = "data/index.json"
+"""The data index (``protocol.dataindex.DataIndex``): every data object's SHA-256."""
+DATA_TOKENIZER = "data/tokenizer.json"
+
+
+def shard_key(i: int) -> str:
+    """Key of token shard ``i`` (``.npy``, rows of seq_len + 1 tokens)."""
+    return f"data/shard-{i:05d}.npy"

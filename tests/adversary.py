@@ -36,7 +36,7 @@ from protocol.errors import ObjectNotFound
 from protocol.identity import Identity, peer_id_of
 from protocol.manifest import Manifest
 from protocol.stores import open_store
-from protocol.wire import decode_payload, encode_payload
+from protocol.wire import Expectation, decode_payload, encode_payload
 
 FAULTS = ("noise", "copy", "zeros", "nan", "huge", "replay", "forge")
 log = logging.getLogger("adversary")
@@ -55,10 +55,10 @@ class Impostor(Identity):
 class WrongDataPeer(Peer):
     """Trains on the batches of a peer id that is not its own."""
 
-    def _train(self, window: int):
+    def train(self, window: int):
         real, self.peer_id = self.peer_id, "0" * 24
         try:
-            return super()._train(window)
+            return super().train(window)
         finally:
             self.peer_id = real
 
@@ -74,7 +74,7 @@ class AttackExchange(Exchange):
 
     def publish(self, window: int, data: bytes, deadline: float) -> bool:
         ok = super().publish(window, data, deadline)
-        own = decode_payload(data, self.peer._expect(window)(self.identity.peer_id)).tensors
+        own = decode_payload(data, self._expect(window, self.identity.peer_id)).tensors
         for fault, ident in self.attackers.items():
             blob = self._attack(fault, ident, window, own)
             if blob is not None:
@@ -82,6 +82,9 @@ class AttackExchange(Exchange):
                 self.store.put_if_absent(paths.payload_key(window, peer_id_of(ident.public_key)), blob)
                 self.previous[fault] = blob
         return ok
+
+    def _expect(self, window: int, peer: str) -> Expectation:
+        return dataclasses.replace(self.peer.follower.expectation(window), peer_id=peer)
 
     def _encode(self, ident: Identity, window: int, tensors: dict[str, CompressedTensor]) -> bytes:
         return encode_payload(run=self.run_key, window=window, base_digest=self.peer.replica.digest, tokens=1000,
@@ -97,7 +100,7 @@ class AttackExchange(Exchange):
             victim = self._someone_elses_payload(window)
             if victim is None:
                 return None
-            tensors = decode_payload(victim, self.peer._expect(window)(peer_id_of(victim[-96:-64]))).tensors
+            tensors = decode_payload(victim, self._expect(window, peer_id_of(victim[-96:-64]))).tensors
             return self._encode(ident, window, tensors)
         if fault == "zeros":
             zero = {n: dataclasses.replace(c, scale_q=torch.full_like(c.scale_q, SCALE_ZERO_CODE), scale_ref=0.0)
@@ -154,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             ident = Impostor(ident.private_key)
             object.__setattr__(ident, "claimed", args.victim)  # Identity is a frozen dataclass
         attackers[fault] = ident
-    peer.exchange = AttackExchange(store, peer.identity, manifest.run_key, peer.acct, attackers=attackers, peer=peer,
-                                   poll_seconds=0.2, allowed_peers=peer.exchange.allowed_peers)
+    # A test harness, not a pattern: every part of the peer that talks to the store uses the attack exchange.
+    attack = AttackExchange(store, peer.identity, manifest.run_key, peer.acct, attackers=attackers, peer=peer)
+    peer.exchange = peer.follower.exchange = peer.closer.exchange = attack
     ids = {fault: peer_id_of(ident.public_key) for fault, ident in attackers.items()} | {"wrong_data": peer.peer_id}
     (workdir / "ids.json").write_text(json.dumps(ids))
     peer.run()

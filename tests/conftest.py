@@ -115,6 +115,7 @@ def moto_server_factory(aws_test_credentials: None) -> Iterator[Callable[[], Mot
 @pytest.fixture
 def s3_store_factory(moto_server: MotoServer) -> Iterator[Callable[..., Any]]:
     """``make(server=None, **options)``: an ``S3Store`` on a new bucket (short timeouts)."""
+    from protocol.retry import RetryPolicy
     from protocol.stores.s3 import S3Store
 
     stores = []
@@ -122,8 +123,8 @@ def s3_store_factory(moto_server: MotoServer) -> Iterator[Callable[..., Any]]:
     def make(server: MotoServer | None = None, **options: Any) -> S3Store:
         server = server or moto_server
         settings: dict[str, Any] = {
-            "endpoint_url": server.endpoint_url, "region": "us-east-1", "request_timeout": 5.0,
-            "retries": 2, "create_bucket": True,
+            "endpoint_url": server.endpoint_url, "region": "us-east-1",
+            "policy": RetryPolicy(request_timeout=5.0, attempts=2), "create_bucket": True,
         }
         settings.update(options)
         bucket = settings.pop("bucket", f"t-{uuid.uuid4().hex[:16]}")
@@ -139,6 +140,7 @@ def s3_store_factory(moto_server: MotoServer) -> Iterator[Callable[..., Any]]:
 @pytest.fixture
 def p2p_store_factory() -> Iterator[Callable[..., Any]]:
     """``make(initial_peers=(), **options)``: a ``P2PStore`` of run ``test-<n>`` on 127.0.0.1."""
+    from protocol.retry import RetryPolicy
     from protocol.stores import p2p
 
     if p2p.HIVEMIND_IMPORT_ERROR is not None:
@@ -147,7 +149,8 @@ def p2p_store_factory() -> Iterator[Callable[..., Any]]:
     stores: list[p2p.P2PStore] = []
 
     def make(initial_peers: tuple[str, ...] | list[str] = (), **options: Any) -> p2p.P2PStore:
-        settings: dict[str, Any] = {"request_timeout": 10.0, "chunk_timeout": 3.0, "dht_wait_timeout": 1.0}
+        settings: dict[str, Any] = {"policy": RetryPolicy(request_timeout=3.0, object_seconds=10.0),
+                                    "dht_wait_timeout": 1.0}
         settings.update(options)
         store = p2p.P2PStore(settings.pop("run", run), initial_peers=initial_peers, **settings)
         stores.append(store)

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from node.genesis import init_run
-from node.peer import read_progress
+from node.progress import read_history, read_progress
 from protocol.manifest import Manifest
 from protocol.stores import open_store
 
@@ -38,26 +39,32 @@ def small_manifest(**overrides) -> Manifest:
     return m.replace(**overrides) if overrides else m
 
 
-def create_run(root: Path, manifest: Manifest | None = None, store_uri: str | None = None) -> tuple[Manifest, Path]:
-    """Init a run under ``root``; returns the final manifest and the path of its TOML file."""
+@dataclass(frozen=True)
+class Run:
+    """An initialized run: where it lives, its manifest (and that manifest's file), its store."""
+
+    root: Path
+    manifest: Manifest
+    manifest_path: Path
+    uri: str
+
+
+def create_run(root: Path, manifest: Manifest | None = None, store_uri: str | None = None) -> Run:
+    """Init a run under ``root`` (a file store in ``root/store`` unless ``store_uri``)."""
     root.mkdir(parents=True, exist_ok=True)
     uri = store_uri or f"file://{root / 'store'}"
-    manifest = (manifest or small_manifest()).replace(store__uri=uri)
     with open_store(uri) as store:
-        manifest = init_run(manifest, store)
+        manifest = init_run(manifest or small_manifest(), store)
     path = root / "manifest.toml"
     path.write_text(manifest.to_toml())
-    return manifest, path
+    return Run(root, manifest, path, uri)
 
 
-def copy_run(template: Path, dest: Path) -> tuple[Manifest, Path]:
-    """A fresh copy of an initialized run (file store), so tests do not share state."""
+def copy_run(template: Path, dest: Path) -> Run:
+    """A fresh copy of an initialized run (file store), so tests do not share state. The
+    manifest holds nothing about where the store is, so the copy is the same run."""
     shutil.copytree(template, dest)
-    manifest = Manifest.load(template / "manifest.toml").replace(store__uri=f"file://{dest / 'store'}")
-    # The store holds the manifest too: rewrite both so the copy is a self-consistent run.
-    (dest / "store" / "manifest.toml").write_text(manifest.to_toml())
-    (dest / "manifest.toml").write_text(manifest.to_toml())
-    return manifest, dest / "manifest.toml"
+    return Run(dest, Manifest.load(dest / "manifest.toml"), dest / "manifest.toml", f"file://{dest / 'store'}")
 
 
 class PeerProcess:
@@ -97,6 +104,10 @@ class PeerProcess:
     def progress(self) -> dict | None:
         return read_progress(self.workdir / "progress.json")
 
+    @property
+    def history(self) -> list[dict]:
+        return read_history(self.workdir / "history.jsonl")
+
     def wait(self, timeout: float) -> int:
         assert self.proc is not None
         try:
@@ -131,8 +142,7 @@ def final_digest(peer: PeerProcess) -> str:
 
 
 def heldout_curve(peer: PeerProcess) -> list[float]:
-    info = peer.progress
-    return [h["heldout_loss"] for h in info["history"] if h.get("heldout_loss") is not None]
+    return [h["heldout_loss"] for h in peer.history if h.get("heldout_loss") is not None]
 
 
 def last_json_line(text: str) -> dict:

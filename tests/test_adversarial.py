@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.checkpoint import load_local_state
+from node.state import load_local_state
 from protocol import paths
 from protocol.close import read_close_record
 from protocol.identity import Identity
@@ -24,6 +24,8 @@ from tests.network import (
     heldout_curve,
     small_manifest,
 )
+
+pytestmark = pytest.mark.slow  # real multi-process networks: run with `pytest -m slow`
 
 WINDOWS = 8
 HONEST = 3
@@ -45,8 +47,8 @@ def _network(root: Path, keys: Path, *, adversaries: bool) -> dict:
     """Run HONEST peers (fixed keys) + a validator (+ the attackers); return what happened."""
     vkey = Identity.load_or_create(keys / "validator.key")
     manifest = small_manifest(validators__keys=(vkey.public_key.hex(),), validators__score_lag=1)
-    manifest, mpath = create_run(root, manifest)
-    uri = manifest.store.uri
+    run = create_run(root, manifest)
+    manifest, mpath, uri = run.manifest, run.manifest_path, run.uri
     vdir = root / "validator"
     vdir.mkdir(parents=True)
     shutil.copy(keys / "validator.key", vdir / "validator.key")

@@ -5,14 +5,8 @@ import json
 import pytest
 import torch
 
-from node.checkpoint import (
-    LocalState,
-    fetch_checkpoint,
-    latest_checkpoint,
-    load_local_state,
-    publish_checkpoint,
-    save_local_state,
-)
+from node.checkpoint import fetch_checkpoint, latest_checkpoint, publish_checkpoint
+from node.state import LocalState, load_local_state, save_local_state
 from protocol import paths
 from protocol.digest import weights_digest
 from protocol.errors import CheckpointError
@@ -26,10 +20,10 @@ def _weights(seed=0):
 
 def test_local_state_round_trip_is_exact(tmp_path):
     path = tmp_path / "state.safetensors"
-    state = LocalState(7, 140, _weights(), {"adam.m.a": torch.ones(2)}, {"a.weight": torch.zeros(8, 4)}, {"k": [1, 2]})
+    state = LocalState(7, _weights(), {"adam.m.a": torch.ones(2)}, {"a.weight": torch.zeros(8, 4)}, {"k": [1, 2]})
     save_local_state(path, state)
     back = load_local_state(path)
-    assert back.window == 7 and back.inner_step == 140 and back.meta == {"k": [1, 2]}
+    assert back.window == 7 and back.meta == {"k": [1, 2]}
     assert weights_digest(back.weights) == weights_digest(state.weights)
     assert torch.equal(back.optimizer["adam.m.a"], torch.ones(2))
     assert list(tmp_path.iterdir()) == [path]  # no temp files left behind

@@ -13,13 +13,12 @@ from bench import reference
 from protocol.codec import (
     chunk_view,
     compress,
-    compress_model,
     decompress,
     flat_positions,
     sparse_values,
     unchunk,
 )
-from protocol.codec_types import LEVELS, SCALE_ZERO_CODE, model_layout, tensor_layout
+from protocol.codec_types import LEVELS, SCALE_ZERO_CODE, tensor_layout
 from protocol.manifest import CodecConfig
 
 SMALL = CodecConfig(chunk=16, tile=4, topk=3)
@@ -206,14 +205,6 @@ def test_two_bit_error_on_selected_values_is_no_worse_than_the_reference_format(
     ours_err = float((ours - x)[mask].norm())
     ref_err = float((reference.decode_tensor(ref) - x)[mask].norm())
     assert ours_err <= ref_err
-
-
-def test_compress_model_compresses_every_tensor_in_layout_order():
-    shapes = {"b": (10,), "a": (64, 64)}
-    layouts = model_layout(shapes, DEFAULT)
-    out = compress_model({n: torch.randn(s) for n, s in shapes.items()}, layouts)
-    assert list(out) == ["a", "b"]
-    assert math.prod(decompress(out["b"]).shape) == 10
 
 
 def test_chunk_too_small_for_the_scale_grid_is_sent_as_zeros_not_overshot():

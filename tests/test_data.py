@@ -1,4 +1,5 @@
-"""node.data: deterministic corpus preparation, verified loading, and batch assignment."""
+"""node.corpus / node.dataset / protocol.assignment: deterministic corpus preparation,
+verified loading, and batch assignment."""
 
 from __future__ import annotations
 
@@ -12,19 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from node.data import (
-    EOT_TOKEN,
-    INDEX_KEY,
-    TOKENIZER_KEY,
-    DataIndex,
-    TokenData,
-    _parse_npy,
-    assigned_batches,
-    heldout_ids,
-    prepare,
-    shard_key,
-    unassigned_batches,
-)
+from node.corpus import EOT_TOKEN
+from node.dataset import TokenData, prepare
+from protocol.assignment import assigned_batches, heldout_ids, unassigned_batches
+from protocol.dataindex import DataIndex, parse_npy
+from protocol.paths import DATA_INDEX, DATA_TOKENIZER, shard_key
 from protocol.errors import IntegrityError, ManifestError, ObjectNotFound
 from protocol.manifest import Manifest
 from protocol.stores.file import FileStore
@@ -57,13 +50,13 @@ def test_two_independent_prepares_write_identical_objects(tmp_path, stdlib_store
     file_store = FileStore(tmp_path / "store")
     again = prepare(manifest, file_store)
     assert again == index
-    assert again.to_json() == memory.get(INDEX_KEY)
+    assert again.to_json() == memory.get(DATA_INDEX)
     assert objects(file_store) == objects(memory)
 
 
 def test_index_hashes_every_object_it_names(stdlib_store):
     _, store, index = stdlib_store
-    assert hashlib.sha256(store.get(TOKENIZER_KEY)).hexdigest() == index.tokenizer_sha256
+    assert hashlib.sha256(store.get(DATA_TOKENIZER)).hexdigest() == index.tokenizer_sha256
     for key, sha, n_tokens in index.shards:
         data = store.get(key)
         assert hashlib.sha256(data).hexdigest() == sha
@@ -82,7 +75,7 @@ def test_stdlib_corpus_is_capped_and_split(stdlib_store):
 
 def test_eot_token_has_id_zero(stdlib_store):
     _, store, _ = stdlib_store
-    tok = Tokenizer.from_str(store.get(TOKENIZER_KEY).decode())
+    tok = Tokenizer.from_str(store.get(DATA_TOKENIZER).decode())
     assert tok.token_to_id(EOT_TOKEN) == 0
 
 
@@ -129,7 +122,7 @@ def test_npy_token_folder_with_tokenizer_round_trips(tmp_path, stdlib_store):
     folder.mkdir()
     np.save(folder / "part-0.npy", tokens[:3000])
     np.save(folder / "part-1.npy", tokens[3000:])
-    (folder / "tokenizer.json").write_bytes(stdlib.get(TOKENIZER_KEY))
+    (folder / "tokenizer.json").write_bytes(stdlib.get(DATA_TOKENIZER))
     manifest = small_manifest(str(folder), data__seq_len=49)
     store = MemoryStore()
     index = prepare(manifest, store)
@@ -139,7 +132,7 @@ def test_npy_token_folder_with_tokenizer_round_trips(tmp_path, stdlib_store):
     # Every stored row is one of the original 50-token windows, each exactly once.
     original = tokens.reshape(-1, 50)
     assert sorted(map(bytes, rows.astype(np.uint16))) == sorted(map(bytes, original))
-    assert data.tokenizer_json == stdlib.get(TOKENIZER_KEY)
+    assert data.tokenizer_json == stdlib.get(DATA_TOKENIZER)
 
 
 def test_bin_shard_and_store_key_sources_agree(tmp_path):
@@ -203,7 +196,7 @@ def test_tampered_shard_raises_integrity_error(stdlib_store):
 def test_tampered_tokenizer_raises_integrity_error(stdlib_store):
     manifest, store, _ = stdlib_store
     bad = copy_store(store)
-    bad.put(TOKENIZER_KEY, bad.get(TOKENIZER_KEY).replace(b"\"merges\"", b"\"merges\" "))
+    bad.put(DATA_TOKENIZER, bad.get(DATA_TOKENIZER).replace(b"\"merges\"", b"\"merges\" "))
     with pytest.raises(IntegrityError):
         TokenData.load(manifest, bad)
 
@@ -255,17 +248,17 @@ def test_npy_parser_refuses_forged_headers_and_pickles():
     header = b"{'descr': '<u2', 'fortran_order': False, 'shape': (1000000000000,), }"
     forged = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00\x00"
     with pytest.raises(IntegrityError, match="payload bytes"):
-        _parse_npy(forged, "data/x.npy")
+        parse_npy(forged, "data/x.npy")
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(IntegrityError, match="uint16/uint32"):
-        _parse_npy(buf.getvalue(), "data/x.npy")
+        parse_npy(buf.getvalue(), "data/x.npy")
     with pytest.raises(IntegrityError, match="not a valid .npy"):
-        _parse_npy(b"PK\x03\x04 zip", "data/x.npy")
+        parse_npy(b"PK\x03\x04 zip", "data/x.npy")
     negative = header.replace(b"(1000000000000,)", b"(-2, -4)       ")
     forged = b"\x93NUMPY\x01\x00" + len(negative).to_bytes(2, "little") + negative + bytes(16)
     with pytest.raises(IntegrityError, match="negative"):
-        _parse_npy(forged, "data/x.npy")
+        parse_npy(forged, "data/x.npy")
 
 
 def _valid_npy() -> bytes:
@@ -281,7 +274,7 @@ def test_mutated_npy_bytes_parse_or_raise_integrity_error(edits):
     for pos, value in edits:
         data[min(pos, len(data) - 1)] = value
     try:
-        array = _parse_npy(bytes(data), "data/x.npy")
+        array = parse_npy(bytes(data), "data/x.npy")
     except IntegrityError:
         return
     assert array.size * array.itemsize <= len(data)
@@ -377,6 +370,6 @@ def test_heldout_and_unassigned_ids_come_from_the_heldout_split(stdlib_store):
 def test_tokenizer_beside_shards_larger_than_the_manifest_vocab_is_refused(tmp_path, stdlib_store):
     _, stdlib, _ = stdlib_store
     np.save(tmp_path / "t.npy", np.arange(1000, dtype=np.uint16) % 300)
-    (tmp_path / "tokenizer.json").write_bytes(stdlib.get(TOKENIZER_KEY))  # 512 ids
+    (tmp_path / "tokenizer.json").write_bytes(stdlib.get(DATA_TOKENIZER))  # 512 ids
     with pytest.raises(ManifestError, match="at least that"):
         prepare(small_manifest(str(tmp_path), tokenizer__vocab_size=400), MemoryStore())

@@ -11,7 +11,9 @@ import transformers
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from node.data import EOT_TOKEN, TOKENIZER_KEY, prepare
+from node.corpus import EOT_TOKEN
+from node.dataset import prepare
+from protocol.paths import DATA_TOKENIZER
 from node.model import (
     PRESET_REFERENCE_VOCAB,
     PRESETS,
@@ -139,7 +141,7 @@ def test_export_hf_round_trip_gives_same_logits_and_tokens(tmp_path):
     manifest = Manifest().replace(data__source=str(corpus), data__seq_len=16, tokenizer__vocab_size=300)
     index = prepare(manifest, store)
     tok_path = tmp_path / "tokenizer.json"
-    tok_path.write_bytes(store.get(TOKENIZER_KEY))
+    tok_path.write_bytes(store.get(DATA_TOKENIZER))
 
     model = build_model(TINY, index.vocab_size, 16, seed=5).eval()
     export_hf(model, str(tok_path), str(tmp_path / "export"))

@@ -140,7 +140,9 @@ def test_prefix_names_the_running_process():
 
 def test_bench_prints_a_skip_line_when_namespaces_are_unavailable(monkeypatch, capsys):
     monkeypatch.setattr(wan, "netns_available", lambda: "needs root")
-    assert wan.run(argparse.Namespace(json=True, windows=1, compute_seconds=None)) == 0
+    parser = argparse.ArgumentParser()
+    wan.add_arguments(parser)
+    assert wan.run(parser.parse_args(["--json", "--windows", "1"])) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["skipped"] is True and line["reason"] == "needs root"
 

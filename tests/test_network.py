@@ -24,6 +24,8 @@ from tests.network import (
 )
 
 
+pytestmark = pytest.mark.slow  # real multi-process networks: run with `pytest -m slow`
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes():
     yield
@@ -40,16 +42,15 @@ def template(tmp_path_factory):
 
 @pytest.fixture
 def run(template, tmp_path):
-    manifest, manifest_path = copy_run(template, tmp_path / "run")
-    return tmp_path / "run", manifest, manifest_path
+    return copy_run(template, tmp_path / "run")
 
 
 def test_three_peers_learn_together_and_stay_bit_identical(run):
-    root, manifest, mpath = run
-    peers = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=4, min_peers=3,
+    root, mpath, uri = run.root, run.manifest_path, run.uri
+    peers = [PeerProcess(root, f"p{i}", mpath, uri, windows=4, min_peers=3,
                          extra=["--metrics-port", "0"] if i == 0 else None) for i in range(3)]
-    url = wait_for(lambda: (peers[0].workdir / "metrics.url").exists() and (peers[0].progress or {}).get("history")
-                   and len(peers[0].progress["history"]) >= 2 and (peers[0].workdir / "metrics.url").read_text(),
+    url = wait_for(lambda: (peers[0].workdir / "metrics.url").exists() and len(peers[0].history) >= 2
+                   and (peers[0].workdir / "metrics.url").read_text(),
                    180, "peer 0 to finish a window and serve metrics")
     metrics = urllib.request.urlopen(url, timeout=10).read().decode()
     assert "locoswarm_window " in metrics and "locoswarm_bytes_sent " in metrics
@@ -60,10 +61,10 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
     curve = heldout_curve(peers[0])
     assert len(curve) == 5  # genesis + 4 windows
     assert curve[-1] < curve[0] - 0.3, curve
-    hist = peers[0].progress["history"]
+    hist = peers[0].history
     assert all(h["included"] == 3 for h in hist[1:]), hist
 
-    res = subprocess.run([sys.executable, "-m", "locoswarm.cli", "status", "--store", manifest.store.uri, "--json"],
+    res = subprocess.run([sys.executable, "-m", "locoswarm.cli", "status", "--store", uri, "--json"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     status = last_json_line(res.stdout)
     assert status["window"] == 3 and len(status["peers"]) == 3
@@ -71,7 +72,7 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
     assert status["checkpoint_window"] == 4 and status["heldout_loss"] == pytest.approx(curve[-1], rel=1e-4)
 
     out = root / "hf"
-    res = subprocess.run([sys.executable, "-m", "locoswarm.cli", "export", "--store", manifest.store.uri, "--out",
+    res = subprocess.run([sys.executable, "-m", "locoswarm.cli", "export", "--store", uri, "--out",
                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert last_json_line(res.stdout)["exported_window"] == 4, res.stderr[-2000:]
     from transformers import AutoModelForCausalLM
@@ -81,8 +82,8 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
 
 
 def test_killed_peer_does_not_stop_others_and_resumes(run):
-    root, manifest, mpath = run
-    peers = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=5, min_peers=3) for i in range(3)]
+    root, mpath, uri = run.root, run.manifest_path, run.uri
+    peers = [PeerProcess(root, f"p{i}", mpath, uri, windows=5, min_peers=3) for i in range(3)]
     victim = peers[2]
     wait_for(lambda: (victim.progress or {}).get("window", 0) >= 1 and victim.progress["phase"] == "train", 120,
              "the victim to be training window 1")
@@ -92,51 +93,37 @@ def test_killed_peer_does_not_stop_others_and_resumes(run):
     victim.start()
     assert victim.wait(timeout=240) == 0, victim.log()
     assert final_digest(victim) == final_digest(peers[0]) == final_digest(peers[1])
-    assert "resumed at window" in victim.log()
+    assert victim.progress["origin"]["from"] == "state"
 
 
 def test_late_joiner_catches_up_bit_identically(run):
-    root, manifest, mpath = run
-    early = [PeerProcess(root, f"p{i}", mpath, manifest.store.uri, windows=3, min_peers=2) for i in range(2)]
+    root, mpath, uri = run.root, run.manifest_path, run.uri
+    early = [PeerProcess(root, f"p{i}", mpath, uri, windows=3, min_peers=2) for i in range(2)]
     for p in early:
         assert p.wait(timeout=240) == 0, p.log()
-    late = PeerProcess(root, "late", mpath, manifest.store.uri, windows=3, min_peers=1)
+    late = PeerProcess(root, "late", mpath, uri, windows=3, min_peers=1)
     assert late.wait(timeout=120) == 0, late.log()
     assert final_digest(late) == final_digest(early[0])
-    assert "starting from the published checkpoint of window 2" in late.log()
-    assert "caught up 1 windows" in late.log()
-
-
-def test_peer_with_a_different_manifest_refuses_to_join(run, tmp_path):
-    root, manifest, mpath = run
-    other = tmp_path / "other.toml"
-    other.write_text(manifest.replace(inner__steps=manifest.inner.steps + 1).to_toml())
-    res = subprocess.run(
-        [sys.executable, "-m", "locoswarm.cli", "peer", "--store", manifest.store.uri, "--manifest", str(other),
-         "--workdir", str(tmp_path / "w"), "--windows", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert res.returncode == 2
-    assert "ManifestError" in res.stderr
-    assert "differs" in res.stderr
+    assert late.progress["origin"] == {"from": "checkpoint", "window": 2}
+    assert late.progress["replayed"] == 1
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (REPO / ".venv/bin/torchrun").exists(),
                     reason="torchrun is not installed")
 def test_torchrun_peer_with_two_gloo_ranks_and_loco_trains_with_a_plain_peer(run):
-    root, manifest, mpath = run
+    root, mpath, uri = run.root, run.manifest_path, run.uri
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "locoswarm.cli"]
-    multi = PeerProcess(root, "ddp", mpath, manifest.store.uri, windows=3, min_peers=2, launcher=torchrun,
+    multi = PeerProcess(root, "ddp", mpath, uri, windows=3, min_peers=2, launcher=torchrun,
                         extra=["--comm", "loco"])
-    plain = PeerProcess(root, "plain", mpath, manifest.store.uri, windows=3, min_peers=2)
+    plain = PeerProcess(root, "plain", mpath, uri, windows=3, min_peers=2)
     assert plain.wait(timeout=300) == 0, plain.log()
     assert multi.wait(timeout=300) == 0, multi.log()
     assert final_digest(multi) == final_digest(plain)
-    assert "one peer on 2 ranks, gradient communication loco" in multi.log()
+    assert (multi.progress["ranks"], multi.progress["comm"]) == (2, "loco")
     curve = heldout_curve(plain)
     assert curve[-1] < curve[0]
-    assert all(h["included"] == 2 for h in plain.progress["history"][1:])
+    assert all(h["included"] == 2 for h in plain.history[1:])
 
 
 def test_up_runs_a_local_network_and_prints_a_json_summary(tmp_path):

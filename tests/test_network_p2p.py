@@ -28,6 +28,8 @@ from tests.network import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # real multi-process networks: run with `pytest -m slow`
+
 SEED_START_TIMEOUT = 120.0
 
 
@@ -91,7 +93,7 @@ def test_three_p2p_peers_survive_a_killed_peer_and_stay_bit_identical(seed, tmp_
     for p in peers[:2]:
         assert p.wait(timeout=240) == 0, p.log()
     assert final_digest(peers[0]) == final_digest(peers[1])
-    history = peers[0].progress["history"]
+    history = peers[0].history
     assert [h["included"] for h in history[1:]] == [3, 2, 2, 2], history  # the victim only counted in window 0
     curve = heldout_curve(peers[0])
     assert curve[-1] < curve[0] - 0.2, curve

@@ -18,7 +18,7 @@ from protocol.errors import (
 )
 from protocol.identity import Identity
 from protocol.records import sign_record
-from protocol.stores import open_store
+from protocol.stores import StoreSettings, open_store
 from protocol.stores.p2p import KIND, P2PStore, parse_record
 
 Factory = Callable[..., P2PStore]
@@ -143,7 +143,7 @@ def test_objects_over_the_memory_budget_spill_to_disk(p2p_store_factory: Factory
 
 def test_open_store_builds_a_p2p_store_and_close_is_idempotent(p2p_store_factory: Factory) -> None:
     a = p2p_store_factory()
-    b = open_store(f"p2p://{a.run}", initial_peers=a.visible_maddrs, request_timeout=10.0)
+    b = open_store(StoreSettings(f"p2p://{a.run}", initial_peers=tuple(a.visible_maddrs)))
     try:
         assert isinstance(b, P2PStore) and b.visible_maddrs[0].startswith("/ip4/127.0.0.1/")
         b.put("w/k", b"v")
@@ -155,9 +155,10 @@ def test_open_store_builds_a_p2p_store_and_close_is_idempotent(p2p_store_factory
         b.get("w/k")
 
 
-def test_unknown_options_are_refused_with_the_known_ones_named() -> None:
-    with pytest.raises(StoreError, match="endpoint_url.*known.*initial_peers"):
-        open_store("p2p://run", endpoint_url="http://127.0.0.1:9000")
+def test_bootstrap_peers_travel_in_the_uri() -> None:
+    s = StoreSettings.parse("p2p://run?peers=/ip4/127.0.0.1/tcp/1/p2p/QmA,/ip4/127.0.0.1/tcp/2/p2p/QmB")
+    assert s.initial_peers == ("/ip4/127.0.0.1/tcp/1/p2p/QmA", "/ip4/127.0.0.1/tcp/2/p2p/QmB")
+    assert StoreSettings.parse(s.to_uri()) == s
 
 
 def test_joining_through_a_dead_peer_fails_with_a_store_error(p2p_store_factory: Factory) -> None:

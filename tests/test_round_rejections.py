@@ -1,10 +1,10 @@
 """A window with a hostile participant: bad objects cost only themselves, never the round.
 
 Three parties share one real ``file://`` store in-process: two honest peers A and B, each
-with its own ``Exchange`` and ``Replica`` (as ``node/peer.py`` uses them), and a hostile
-writer X who can put any bytes anywhere in the store. Each fault below must show up as a
-readable reason (log line or ``Gathered.rejected``) while A and B still close the window,
-apply the same aggregate and end bit-identical.
+with its own ``Exchange``, ``Closer`` and ``Replica`` (as ``node/peer.py`` uses them), and a
+hostile writer X who can put any bytes anywhere in the store. Each fault below must show up
+as a readable reason (``Closer.refused`` or ``Gathered.rejected``) while A and B still close
+the window, apply the same aggregate and end bit-identical.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from __future__ import annotations
 import enum
 import hashlib
 import http.server
-import logging
 import threading
 
 import pytest
 import torch
 
 from node.accounting import Accounting
+from node.closing import Closer
 from node.exchange import Exchange, Gathered
+from node.follow import CloseReader
 from node.replica import Replica
+from protocol.aggregate import aggregate
 from protocol import paths
 from protocol.announce import make_announcement
 from protocol.close import CloseRecord, make_close_record
@@ -58,7 +60,9 @@ class Party:
         self.identity = Identity.from_seed(bytes([seed]) * 32)
         self.peer_id = self.identity.peer_id
         self.store = FileStore(root)
-        self.exchange = Exchange(self.store, self.identity, RUN, Accounting(), poll_seconds=0.01)
+        self.exchange = Exchange(self.store, self.identity, RUN, Accounting())
+        self.closes = CloseReader(self.store, RUN)
+        self.closer = Closer(self.store, self.identity, RUN, self.exchange, self.closes, Accounting())
         self.manifest = manifest
         self.layouts = model_layout(SHAPES, manifest.codec)
         generator = torch.Generator().manual_seed(0)  # every replica starts from the same weights
@@ -73,16 +77,24 @@ class Party:
         return encode_payload(run=RUN, window=WINDOW, base_digest=self.replica.digest, tokens=512, tensors=sent,
                               codec=self.manifest.codec, identity=self.identity)
 
-    def expect(self, peer: str) -> Expectation:
+    def expect(self) -> Expectation:
         return Expectation(run=RUN, window=WINDOW, layouts=self.layouts, codec=self.manifest.codec,
-                           max_bytes=MAX_PAYLOAD_BYTES, peer_id=peer, base_digest=self.replica.digest)
+                           max_bytes=MAX_PAYLOAD_BYTES, base_digest=self.replica.digest)
+
+    def close(self, expected: set[str]) -> CloseRecord:
+        record = self.closes.first_valid(WINDOW)
+        if record is not None:
+            return record
+        present = self.closer.ready(WINDOW, expected=expected, min_peers=len(expected), deadline=FAR)
+        assert present is not None, "every expected peer published: the window must close at once"
+        return self.closer.write(WINDOW, self.expect(), present, allowed=None)
 
     def close_and_apply(self, expected: set[str]) -> tuple[CloseRecord, Gathered]:
-        """What ``Peer.run_window`` does after publishing: close or read the close, aggregate, step."""
-        record, gathered = self.exchange.close(WINDOW, base_digest=self.replica.digest, expected=expected,
-                                               min_peers=len(expected), deadline=FAR, expect=self.expect)
-        self.replica.apply_window({p: pl.tensors for p, pl in gathered.accepted.items()}, self.layouts,
-                                  self.manifest.outer)
+        """What ``Peer.run_window`` does after publishing: close or read the close, gather, aggregate, step."""
+        record = self.close(expected)
+        gathered = self.exchange.gather(record, self.expect())
+        outer = self.manifest.outer
+        self.replica.apply(aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip), outer.lr)
         return record, gathered
 
 
@@ -105,29 +117,26 @@ def _assert_honest_replicas_agree(a: Party, b: Party, ga: Gathered, gb: Gathered
     assert a.replica.digest == b.replica.digest
 
 
-def test_payload_replaced_after_the_close_record_listed_it_is_rejected_by_every_honest_peer(parties, caplog):
+def test_payload_replaced_after_the_close_record_listed_it_is_rejected_by_every_honest_peer(parties):
     a, b, x = parties
     everyone = {a.peer_id, b.peer_id, x.peer_id}
     original = x.payload()
     assert x.exchange.publish(WINDOW, original, FAR)
-    record, _ = x.exchange.close(WINDOW, base_digest=x.replica.digest, expected=everyone, min_peers=3,
-                                 deadline=FAR, expect=x.expect)
+    record = x.close(everyone)
     assert set(record.peers) == everyone
     x.store.put(paths.payload_key(WINDOW, x.peer_id), x.payload(scale=5.0))  # validly signed, other bytes
 
-    with caplog.at_level(logging.WARNING, logger="node.exchange"):
-        ra, ga = a.close_and_apply(everyone)
-        rb, gb = b.close_and_apply(everyone)
+    ra, ga = a.close_and_apply(everyone)
+    rb, gb = b.close_and_apply(everyone)
     assert ra.closer == rb.closer == x.peer_id
     for gathered in (ga, gb):
         assert [p for p, _ in gathered.rejected] == [x.peer_id]
         assert "differs from the close record" in gathered.rejected[0][1]
-    assert "changed after the close record listed it" in caplog.text
     _assert_honest_replicas_agree(a, b, ga, gb)
 
 
 @pytest.mark.parametrize("fault", [Fault.PAYLOAD_OVERSIZED, Fault.PAYLOAD_BAD_SIGNATURE])
-def test_bad_payload_object_is_left_out_of_the_close_record_and_the_window_applies(parties, fault, caplog):
+def test_bad_payload_object_is_left_out_of_the_close_record_and_the_window_applies(parties, fault):
     a, b, x = parties
     everyone = {a.peer_id, b.peer_id, x.peer_id}
     if fault is Fault.PAYLOAD_OVERSIZED:
@@ -136,23 +145,22 @@ def test_bad_payload_object_is_left_out_of_the_close_record_and_the_window_appli
         blob = _flip_last_byte(x.payload())
     x.store.put(paths.payload_key(WINDOW, x.peer_id), blob)
 
-    with caplog.at_level(logging.WARNING, logger="node.exchange"):
-        ra, ga = a.close_and_apply(everyone)  # A sees all three published and closes
-        rb, gb = b.close_and_apply(everyone)  # B reads A's close record
+    ra, ga = a.close_and_apply(everyone)  # A sees all three published and closes
+    rb, gb = b.close_and_apply(everyone)  # B reads A's close record
     assert ra.closer == rb.closer == a.peer_id
     assert set(rb.peers) == {a.peer_id, b.peer_id}
-    reasons = dict(ga.rejected)
+    reasons = dict(a.closer.refused)
     assert list(reasons) == [x.peer_id]
     if fault is Fault.PAYLOAD_OVERSIZED:
-        assert "over the cap" in reasons[x.peer_id] and "refused the payload object" in caplog.text
+        assert "over the cap" in reasons[x.peer_id]
     else:
-        assert reasons[x.peer_id].startswith("BadSignature") and "signature" in caplog.text
-    assert gb.rejected == []  # B never downloads what the close record does not list
+        assert reasons[x.peer_id].startswith("BadSignature")
+    assert ga.rejected == gb.rejected == []  # nobody downloads what the close record does not list
     _assert_honest_replicas_agree(a, b, ga, gb)
 
 
 @pytest.mark.parametrize("fault", [Fault.CLOSE_BAD_SIGNATURE, Fault.CLOSE_GARBAGE, Fault.CLOSE_OTHER_RUN])
-def test_invalid_close_record_is_ignored_and_honest_peers_close_in_the_next_slot(parties, fault, caplog):
+def test_invalid_close_record_is_ignored_and_honest_peers_close_in_the_next_slot(parties, fault):
     a, b, x = parties
     honest = {a.peer_id, b.peer_id}
     forged = CloseRecord(WINDOW, x.replica.digest, 0.0, ())
@@ -167,12 +175,12 @@ def test_invalid_close_record_is_ignored_and_honest_peers_close_in_the_next_slot
         why = "belongs to run 'another-run'"
     assert x.store.put_if_absent(paths.close_key(WINDOW), blob)  # X takes slot 0 before anyone closes
 
-    with caplog.at_level(logging.ERROR, logger="node.exchange"):
-        ra, ga = a.close_and_apply(honest)
-        rb, gb = b.close_and_apply(honest)
+    ra, ga = a.close_and_apply(honest)
+    rb, gb = b.close_and_apply(honest)
     assert ra.closer == rb.closer == a.peer_id
     assert a.store.exists(close_slot_key(WINDOW, 1))
-    assert "ignoring the invalid close record" in caplog.text and why in caplog.text
+    slot0 = b.closes.read_slot(WINDOW, 0)
+    assert isinstance(slot0, RecordRejected) and why in str(slot0)
     _assert_honest_replicas_agree(a, b, ga, gb)
 
 
@@ -181,10 +189,10 @@ def test_window_whose_every_close_slot_is_invalid_fails_with_a_readable_error(pa
     for slot in range(CLOSE_SLOTS):
         x.store.put(close_slot_key(WINDOW, slot), b"junk")
     with pytest.raises(RecordRejected, match=f"all {CLOSE_SLOTS} close slots hold invalid records"):
-        a.exchange.read_close(WINDOW)
+        a.closes.first_valid(WINDOW)
 
 
-def test_announced_payload_whose_bytes_differ_from_the_announcement_is_rejected(parties, caplog):
+def test_announced_payload_whose_bytes_differ_from_the_announcement_is_rejected(parties):
     a, b, x = parties
     real = x.payload()
     served = _flip_last_byte(real)  # what X's "own bucket" really serves
@@ -207,12 +215,11 @@ def test_announced_payload_whose_bytes_differ_from_the_announcement_is_rejected(
         record = make_announcement(x.identity, RUN, WINDOW, key, url, hashlib.sha256(real).hexdigest(), len(real))
         x.store.put(paths.announce_key(WINDOW, x.peer_id), record)
         everyone = {a.peer_id, b.peer_id, x.peer_id}
-        with caplog.at_level(logging.WARNING):
-            _, ga = a.close_and_apply(everyone)
-            _, gb = b.close_and_apply(everyone)
+        _, ga = a.close_and_apply(everyone)
+        _, gb = b.close_and_apply(everyone)
     finally:
         server.shutdown()
         server.server_close()
-    reasons = dict(ga.rejected)
+    reasons = dict(a.closer.refused)
     assert "sha256" in reasons[x.peer_id] or "hash" in reasons[x.peer_id], reasons
     _assert_honest_replicas_agree(a, b, ga, gb)

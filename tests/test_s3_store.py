@@ -23,13 +23,17 @@ from protocol.errors import (
     IntegrityError,
     ObjectNotFound,
     RecordRejected,
+    AccessDenied,
+    BucketNotFound,
+    ObjectTooLarge,
     StoreError,
     StoreTimeout,
     StoreUnavailable,
 )
 from protocol.identity import Identity
 from protocol.retention import gc_windows
-from protocol.stores import open_store
+from protocol.retry import RetryPolicy
+from protocol.stores import StoreSettings, open_store
 from protocol.stores.s3 import PresignedReader, S3Store, _translate
 from tests.conftest import MotoServer, free_port
 
@@ -82,7 +86,7 @@ def scripted_server() -> Iterator[Callable[..., str]]:
 
 
 def _fast_store(endpoint_url: str, **options: Any) -> S3Store:
-    settings = {"region": "us-east-1", "request_timeout": 0.5, "connect_timeout": 0.5, "retries": 1, "reconnects": 0}
+    settings = {"region": "us-east-1", "policy": RetryPolicy(request_timeout=0.5, attempts=1)}
     settings.update(options)
     return S3Store("bucket", "run", endpoint_url=endpoint_url, **settings)
 
@@ -94,7 +98,7 @@ def _fast_store(endpoint_url: str, **options: Any) -> S3Store:
     ("status", "code", "expected"),
     [
         (404, "NoSuchKey", ObjectNotFound),
-        (403, "AccessDenied", StoreError),
+        (403, "AccessDenied", AccessDenied),
         (500, "InternalError", StoreUnavailable),
         (503, "SlowDown", StoreUnavailable),
         (400, "InvalidArgument", StoreError),
@@ -182,7 +186,7 @@ def test_killed_server_gives_store_errors_quickly_and_restart_recovers(
     moto_server_factory: Callable[[], MotoServer], s3_store_factory: Callable[..., S3Store]
 ) -> None:
     server = moto_server_factory()
-    store = s3_store_factory(server, request_timeout=1.0, connect_timeout=0.5, retries=1, reconnects=1)
+    store = s3_store_factory(server, policy=RetryPolicy(request_timeout=1.0, attempts=2))
     store.put("d/k", b"before")
     server.kill()
     t0 = time.monotonic()
@@ -200,12 +204,27 @@ def test_killed_server_gives_store_errors_quickly_and_restart_recovers(
 
 
 def test_moto_honours_conditional_writes(s3_store_factory: Callable[..., S3Store]) -> None:
-    assert s3_store_factory().check_conditional_writes() is True
+    store = s3_store_factory()
+    assert store.put_if_absent("d/once", b"1") is True
+    assert store.put_if_absent("d/once", b"2") is False
+    assert store.get("d/once") == b"1"
+
+
+def test_missing_bucket_is_named_and_not_retried(
+    aws_test_credentials: None, moto_server: MotoServer
+) -> None:
+    store = S3Store("no-such-bucket", "run", endpoint_url=moto_server.endpoint_url, region="us-east-1",
+                    policy=RetryPolicy(attempts=5, backoff_base=1.0, backoff_cap=5.0))
+    t0 = time.monotonic()
+    with pytest.raises(BucketNotFound, match="no-such-bucket"):
+        store.list("d/")
+    assert time.monotonic() - t0 < 1.0  # five tries with 1 s backoffs would take longer
+    store.close()
 
 
 def test_keys_live_under_the_uri_prefix(moto_server: MotoServer, s3_store_factory: Callable[..., S3Store]) -> None:
     bucket = s3_store_factory().bucket
-    store = open_store(f"s3://{bucket}/runs/demo", endpoint_url=moto_server.endpoint_url, region="us-east-1")
+    store = open_store(StoreSettings.parse(f"s3://{bucket}/runs/demo?endpoint={moto_server.endpoint_url}&region=us-east-1"))
     assert isinstance(store, S3Store)
     store.put("windows/000001/x", b"1")
     raw = boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
@@ -214,16 +233,23 @@ def test_keys_live_under_the_uri_prefix(moto_server: MotoServer, s3_store_factor
     store.close()
 
 
-def test_unknown_options_are_refused_with_the_known_ones_named() -> None:
-    with pytest.raises(StoreError, match="initial_peers.*known.*endpoint_url"):
-        open_store("s3://bucket/prefix", initial_peers=("/ip4/127.0.0.1/tcp/1",))
+def test_unknown_uri_parameters_are_refused_with_the_known_ones_named() -> None:
+    with pytest.raises(StoreError, match="'colour'.*known: endpoint, region"):
+        StoreSettings.parse("s3://bucket/prefix?colour=red")
+
+
+def test_store_settings_round_trip_through_a_uri() -> None:
+    s = StoreSettings.parse("s3://b/p?endpoint=https://acct.r2.example&region=auto&addressing=path")
+    assert (s.uri, s.endpoint_url, s.region, s.addressing_style) == ("s3://b/p", "https://acct.r2.example", "auto", "path")
+    assert StoreSettings.parse(s.to_uri()) == s
+    assert StoreSettings.parse(s.to_uri(), region="eu-west-1").region == "eu-west-1"  # flags win
 
 
 def test_oversized_object_is_refused_before_its_body_is_downloaded(s3_store_factory: Callable[..., S3Store]) -> None:
     store = s3_store_factory()
     store.put("d/big", b"\0" * (4 << 20))
     before = store.stats.bytes_down
-    with pytest.raises(StoreError, match="over the cap"):
+    with pytest.raises(ObjectTooLarge, match="over the cap"):
         store.get("d/big", max_bytes=1024)
     assert store.stats.bytes_down == before
 
@@ -237,17 +263,6 @@ def test_large_objects_are_uploaded_in_parts(s3_store_factory: Callable[..., S3S
     assert store.get("checkpoints/000010/model.safetensors") == data
     assert store.stats.bytes_up == len(data) and store.stats.bytes_down == len(data)
     assert store.stats.seconds_up > 0 and store.stats.seconds_down > 0
-
-
-def test_get_many_returns_bytes_or_the_error_per_key(s3_store_factory: Callable[..., S3Store]) -> None:
-    store = s3_store_factory(max_workers=4)
-    for i in range(6):
-        store.put(f"w/{i}", bytes([i]) * (i + 1))
-    store.put("w/huge", b"x" * 100)
-    got = store.get_many([f"w/{i}" for i in range(6)] + ["w/missing", "w/huge"], max_bytes=50)
-    assert {k: v for k, v in got.items() if isinstance(v, bytes)} == {f"w/{i}": bytes([i]) * (i + 1) for i in range(6)}
-    assert isinstance(got["w/missing"], ObjectNotFound)
-    assert isinstance(got["w/huge"], StoreError) and "cap" in str(got["w/huge"])
 
 
 def test_gc_deletes_old_windows_but_never_checkpoints(s3_store_factory: Callable[..., S3Store]) -> None:
@@ -275,7 +290,7 @@ def test_presigned_read_of_an_announced_object_checks_the_hash(s3_store_factory:
     blob = make_announcement(identity, RUN, 7, "windows/000007/payloads/peer.lsp", url,
                              hashlib.sha256(data).hexdigest(), len(data))
     ann = read_announcement(blob, RUN, signer=identity.peer_id)
-    reader = PresignedReader(timeout=5)
+    reader = PresignedReader(RetryPolicy(request_timeout=5))
     assert reader.fetch(ann.url, sha256=ann.sha256, size=ann.size) == data
     assert reader.stats.bytes_down == len(data)
 
@@ -290,8 +305,8 @@ def test_presigned_read_refuses_oversize_before_downloading(s3_store_factory: Ca
     owner = s3_store_factory()
     data = b"y" * (2 << 20)
     owner.put("d/big", data)
-    reader = PresignedReader(timeout=5)
-    with pytest.raises(StoreError, match="over the cap"):
+    reader = PresignedReader(RetryPolicy(request_timeout=5))
+    with pytest.raises(ObjectTooLarge, match="over the cap"):
         reader.fetch(owner.presigned_get_url("d/big"), sha256=hashlib.sha256(data).hexdigest(), max_bytes=1024)
     assert reader.stats.bytes_down == 0
     with pytest.raises(StoreError):
@@ -301,7 +316,7 @@ def test_presigned_read_refuses_oversize_before_downloading(s3_store_factory: Ca
 def test_presigned_read_of_a_missing_object_is_not_found(s3_store_factory: Callable[..., S3Store]) -> None:
     owner = s3_store_factory()
     with pytest.raises(ObjectNotFound):
-        PresignedReader(timeout=5, retries=1).fetch(owner.presigned_get_url("d/none"), sha256="0" * 64)
+        PresignedReader(RetryPolicy(request_timeout=5, attempts=1)).fetch(owner.presigned_get_url("d/none"), sha256="0" * 64)
 
 
 def test_announcement_with_a_bad_signature_is_rejected() -> None:

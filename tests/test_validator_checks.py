@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from node.model import build_model, lm_loss, param_shapes
-from protocol.codec import compress, compress_model, decompress
+from protocol.codec import compress, decompress
 from protocol.codec_types import SCALE_ZERO_CODE, CompressedTensor, model_layout
 from protocol.errors import BadSignature, LayoutMismatch, OutOfSync, PayloadRejected
 from protocol.identity import Identity
@@ -186,7 +186,8 @@ def gradient(model: torch.nn.Module, batches: torch.Tensor) -> dict[str, torch.T
 
 
 def compressed(model: torch.nn.Module, dense: dict[str, torch.Tensor]) -> dict[str, CompressedTensor]:
-    return compress_model(dense, model_layout(param_shapes(model), CodecConfig()))
+    layouts = model_layout(param_shapes(model), CodecConfig())
+    return {name: compress(dense[name], layout) for name, layout in layouts.items()}
 
 
 def test_evaluation_restores_weights_bit_exactly(lm: torch.nn.Module):

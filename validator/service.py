@@ -28,17 +28,14 @@ import numpy as np
 import torch
 
 from node.accounting import Accounting
-from node.checkpoint import (
-    LocalState,
-    fetch_checkpoint,
-    latest_checkpoint,
-    load_local_state,
-    save_local_state,
-)
-from node.data import TokenData, assigned_batches, unassigned_batches
+from node.checkpoint import latest_checkpoint
+from node.dataset import TokenData
+from protocol.assignment import assigned_batches, unassigned_batches
 from node.exchange import Exchange
+from node.follow import Follower, check_base, checkpoint_replica
 from node.model import build_model, heldout_loss, param_shapes
 from node.replica import Replica
+from node.state import LocalState, load_local_state, save_local_state
 from protocol.close import CloseRecord
 from protocol.codec_types import model_layout
 from protocol.errors import CheckpointError, PayloadRejected, RecordRejected, StoreError
@@ -83,12 +80,16 @@ class Validator:
         self.model = build_model(manifest.model, self.data.vocab_size, manifest.data.seq_len, manifest.run.seed)
         self.shapes = param_shapes(self.model)
         self.layouts = model_layout(self.shapes, manifest.codec)
-        self.exchange = Exchange(store, identity, self.run_key, Accounting(), poll_seconds=cfg.poll_seconds)
+        self.exchange = Exchange(store, identity, self.run_key, Accounting())
         ratings_path = cfg.workdir / "ratings.json"
         self.ratings = Ratings.load(ratings_path) if ratings_path.exists() else Ratings()
         self.dashboard = dashboard or DashboardState(self.run_key, identity.peer_id)
-        self.replica = self._restore()
+        self.follower = Follower(manifest, store, self.exchange, self._restore(), self.layouts)
         self.replica.load_into(self.model)
+
+    @property
+    def replica(self) -> Replica:
+        return self.follower.replica
 
     @property
     def state_file(self) -> Path:
@@ -102,8 +103,7 @@ class Validator:
         window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
         if window is None:
             raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
-        weights, _ = fetch_checkpoint(self.store, window, self.shapes)
-        return Replica(weights, window)
+        return checkpoint_replica(self.store, window, self.shapes)
 
     # ------------------------------------------------------------------ one window
     def _expect(self, window: int, peer: str) -> Expectation:
@@ -176,24 +176,23 @@ class Validator:
 
     def step(self, close: CloseRecord) -> dict[str, Verdict]:
         """Score window ``close.window``, then apply it exactly as the peers did."""
-        if close.base_digest != self.replica.digest:
-            raise CheckpointError(f"window {close.window}: network digest differs from the validator's; "
-                                  f"remove {self.state_file} to resync")
+        check_base(self.replica, close)
         verdicts = self.score_window(close)
-        gathered = self.exchange.gather(close, lambda peer: self._expect(close.window, peer))
-        self.replica.apply_window({p: pl.tensors for p, pl in gathered.accepted.items()}, self.layouts,
-                                  self.manifest.outer)
+        self.follower.advance(close, self.follower.gather(close))
         self.replica.load_into(self.model)
         heldout = heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
         self.dashboard.finish_window(close.window, heldout_loss=heldout,
                                      payload_bytes={i.peer_id: i.size for i in close.included})
-        save_local_state(self.state_file, LocalState(self.replica.window, 0, self.replica.params, {}, {},
+        save_local_state(self.state_file, LocalState(self.replica.window, self.replica.params, {}, {},
                                                      {"heldout_loss": heldout}))
         return verdicts
 
     def run(self) -> None:
         while not self.cfg.max_windows or self.replica.window < self.cfg.max_windows:
-            close = self.exchange.read_close(self.replica.window)
+            jumps = self.follower.jumps
+            close = self.follower.next_closed()
+            if self.follower.jumps != jumps:
+                self.replica.load_into(self.model)
             if close is None:
                 time.sleep(self.cfg.poll_seconds)
                 continue

@@ -8,13 +8,11 @@ subclasses; each backend translates its own library's errors at this boundary.
 
 from __future__ import annotations
 
-import inspect
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
 
-from protocol.errors import StoreError
+from protocol.errors import InvalidKey
 
 _KEY = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 MAX_KEY_CHARS = 512
@@ -23,17 +21,8 @@ MAX_KEY_CHARS = 512
 def check_key(key: str) -> str:
     """Refuse keys that could escape the run prefix or that some backend cannot store."""
     if len(key) > MAX_KEY_CHARS or not _KEY.match(key) or any(p in (".", "..") for p in key.split("/")):
-        raise StoreError("invalid object key", key=key)
+        raise InvalidKey("invalid object key", key=key)
     return key
-
-
-def check_options(cls: type, options: dict[str, Any], scheme: str) -> None:
-    """Refuse option names a backend's constructor does not take, naming the ones it does."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise StoreError(f"unknown {scheme}:// store options {unknown}; known: {allowed}")
 
 
 @dataclass(frozen=True)

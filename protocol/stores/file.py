@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from protocol.errors import ObjectNotFound, StoreError, StoreUnavailable
+from protocol.errors import ObjectNotFound, ObjectTooLarge, StoreUnavailable
 from protocol.stores.base import ObjectInfo, Store, check_key
 
 
@@ -60,7 +60,7 @@ class FileStore(Store):
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if max_bytes is not None and size > max_bytes:
-                    raise StoreError(f"object is {size} bytes, over the cap of {max_bytes}", key=key)
+                    raise ObjectTooLarge(f"object is {size} bytes, over the cap of {max_bytes}", key=key)
                 return f.read()
         except FileNotFoundError as exc:
             raise ObjectNotFound("no such object", key=key) from exc

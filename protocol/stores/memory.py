@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from protocol.errors import ObjectNotFound, StoreError
+from protocol.errors import ObjectNotFound, ObjectTooLarge
 from protocol.stores.base import ObjectInfo, Store, check_key
 
 
@@ -32,7 +32,7 @@ class MemoryStore(Store):
         if item is None:
             raise ObjectNotFound("no such object", key=key)
         if max_bytes is not None and len(item[0]) > max_bytes:
-            raise StoreError(f"object is {len(item[0])} bytes, over the cap of {max_bytes}", key=key)
+            raise ObjectTooLarge(f"object is {len(item[0])} bytes, over the cap of {max_bytes}", key=key)
         return item[0]
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:

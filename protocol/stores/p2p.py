@@ -50,6 +50,7 @@ import msgpack
 from protocol.errors import (
     IntegrityError,
     ObjectNotFound,
+    ObjectTooLarge,
     RecordRejected,
     StoreError,
     StoreTimeout,
@@ -57,12 +58,12 @@ from protocol.errors import (
 )
 from protocol.identity import Identity
 from protocol.records import require, sign_record, verify_record
+from protocol.retry import RetryPolicy
 from protocol.stores.base import (
     MAX_KEY_CHARS,
     ObjectInfo,
     Store,
     check_key,
-    check_options,
 )
 
 try:
@@ -222,28 +223,30 @@ class P2PStore(Store):
         initial_peers: Sequence[str] = (),
         host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
         announce_maddrs: Sequence[str] = (),
-        request_timeout: float = 20.0,
-        chunk_timeout: float = 5.0,
+        policy: RetryPolicy | None = None,
         dht_wait_timeout: float = 3.0,
         record_ttl: float = 600.0,
         max_memory_bytes: int = 1 << 30,
         spill_dir: str | None = None,
         startup_timeout: float = 30.0,
     ):
-        """``request_timeout`` bounds one whole operation (seconds), ``chunk_timeout`` one read
-        of a stream, ``dht_wait_timeout`` one DHT RPC. Objects over ``max_memory_bytes`` of held
-        data go to ``spill_dir`` (a temp dir is made when needed if it is None)."""
+        """``policy.object_seconds`` bounds one whole operation, ``policy.request_timeout`` one
+        read of a stream (and ``get`` is retried by the policy), ``dht_wait_timeout`` one DHT
+        RPC. Objects over ``max_memory_bytes`` of held data go to ``spill_dir`` (a temp dir is
+        made when needed if it is None)."""
+        policy = policy or RetryPolicy()
         if HIVEMIND_IMPORT_ERROR is not None:
             raise StoreUnavailable(f"p2p:// needs hivemind==1.1.12 (pip install 'locoswarm[p2p]'): {HIVEMIND_IMPORT_ERROR}")
         if not run or "/" in run:
             raise StoreError(f"p2p run name must be non-empty without '/', got {run!r}")
-        if chunk_timeout > request_timeout or dht_wait_timeout > request_timeout or record_ttl < 3:
-            raise StoreError("need chunk_timeout and dht_wait_timeout <= request_timeout, and record_ttl >= 3 s")
+        if dht_wait_timeout > policy.object_seconds or record_ttl < 3:
+            raise StoreError("need dht_wait_timeout <= policy.object_seconds, and record_ttl >= 3 s")
         self.run = run
         self.uri = f"p2p://{run}"
         self.identity = identity or Identity.generate()
-        self.request_timeout = request_timeout
-        self.chunk_timeout = chunk_timeout
+        self.policy = policy
+        self.request_timeout = policy.object_seconds
+        self.chunk_timeout = policy.request_timeout
         self.record_ttl = record_ttl
         self.max_memory_bytes = max_memory_bytes
         self._namespace = f"locoswarm/{run}/"
@@ -266,15 +269,6 @@ class P2PStore(Store):
         except BaseException:
             self._stop_loop()
             raise
-
-    @classmethod
-    def from_uri(cls, uri: str, **options: Any) -> P2PStore:
-        """``p2p://<run>`` plus keyword options of ``__init__`` (e.g. ``initial_peers``)."""
-        scheme, _, run = uri.partition("://")
-        if scheme != "p2p":
-            raise StoreError(f"not a p2p URI: {uri!r}; expected p2p://<run>")
-        check_options(cls, options, "p2p")
-        return cls(run.strip("/"), **options)
 
     # ---- event-loop side -------------------------------------------------------------
 
@@ -383,7 +377,7 @@ class P2PStore(Store):
                 raise ObjectNotFound(f"holder {record.holder} no longer has the object", key=record.key)
             (length,) = struct.unpack(">Q", await asyncio.wait_for(reader.readexactly(8), self.chunk_timeout))
             if max_bytes is not None and length > max_bytes:
-                raise StoreError(f"holder offers {length} bytes, over the cap of {max_bytes}", key=record.key)
+                raise ObjectTooLarge(f"holder offers {length} bytes, over the cap of {max_bytes}", key=record.key)
             if length != record.size:
                 raise IntegrityError(f"holder offers {length} bytes, the record says {record.size}", key=record.key)
             data = bytearray()
@@ -404,13 +398,13 @@ class P2PStore(Store):
             held = self._held.get(key)
         if held is not None:
             if max_bytes is not None and held.size > max_bytes:
-                raise StoreError(f"object is {held.size} bytes, over the cap of {max_bytes}", key=key)
+                raise ObjectTooLarge(f"object is {held.size} bytes, over the cap of {max_bytes}", key=key)
             return await asyncio.to_thread(held.read)
         record = await self._lookup(key)
         if record is None:
             raise ObjectNotFound("no such object in the DHT", key=key)
         if max_bytes is not None and record.size > max_bytes:
-            raise StoreError(f"object is {record.size} bytes, over the cap of {max_bytes}", key=key)
+            raise ObjectTooLarge(f"object is {record.size} bytes, over the cap of {max_bytes}", key=key)
         return await self._fetch(record, max_bytes)
 
     # ---- sync side -------------------------------------------------------------------
@@ -483,7 +477,8 @@ class P2PStore(Store):
         return True
 
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        return self._call("get", key, self._get(check_key(key), max_bytes))
+        check_key(key)
+        return self.policy.call(lambda: self._call("get", key, self._get(key, max_bytes)), what=f"p2p get of {key!r}")
 
     def exists(self, key: str) -> bool:
         check_key(key)

@@ -5,17 +5,14 @@ What this module adds on top of boto3, and why:
 - **One error boundary.** ``_translate`` turns every botocore/boto3/urllib3/OS error into
   ``ObjectNotFound`` / ``StoreTimeout`` / ``StoreUnavailable`` / ``StoreError`` (chained with
   ``from``), so code above the store never sees a library exception.
-- **Two retry layers.** botocore's ``standard`` retry mode retries each HTTP request
-  (``retries`` attempts, exponential backoff with jitter, 5xx/throttling/connection errors).
-  On top, a whole operation (request *and* body download) is retried ``reconnects`` times
-  after a connection error or timeout that got through anyway, e.g. a connection dropped
-  half-way through a body, which botocore does not retry.
+- **One retry layer.** botocore makes one attempt per request (its own retries are off);
+  every operation, request *and* body download, goes through ``RetryPolicy.call``
+  (``protocol/retry.py``), which retries timeouts and outages only.
 - **Caps before bytes.** ``get`` reads ``ContentLength`` from the response headers and
   refuses an object over ``max_bytes`` before reading its body; the body is then read in
   chunks and the cap is enforced again while reading, in case the server lies.
 - **Atomic close records.** ``put_if_absent`` is a conditional write (``If-None-Match: *``),
-  honoured by AWS S3 (since 2024), R2, MinIO and moto's server. A server that ignores the
-  header would silently overwrite; ``S3Store.check_conditional_writes()`` detects that.
+  honoured by AWS S3 (since 2024), R2, MinIO and moto's server.
 - **Read access without sharing secrets.** A peer that owns its bucket hands out
   ``presigned_get_url`` links inside a signed announcement (``protocol/announce.py``);
   ``PresignedReader`` fetches them over plain HTTP(S) and checks the announced sha256.
@@ -29,14 +26,12 @@ import contextlib
 import hashlib
 import io
 import logging
-import random
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,13 +43,17 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from protocol.errors import (
+    AccessDenied,
+    BucketNotFound,
     IntegrityError,
     ObjectNotFound,
+    ObjectTooLarge,
     StoreError,
     StoreTimeout,
     StoreUnavailable,
 )
-from protocol.stores.base import ObjectInfo, Store, check_key, check_options
+from protocol.retry import RetryPolicy
+from protocol.stores.base import ObjectInfo, Store, check_key
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +115,10 @@ def _translate(op: str, key: str | None) -> Iterator[None]:
         if code in _NOT_FOUND_CODES:
             raise ObjectNotFound("no such object", key=key) from exc
         if code == "NoSuchBucket":
-            raise StoreUnavailable(f"{op}: the bucket does not exist (create it, or pass create_bucket=True)", key=key) from exc
+            bucket = exc.response.get("Error", {}).get("BucketName", "")
+            raise BucketNotFound(f"{op}: the bucket {bucket!r} does not exist", key=key) from exc
         if code in _DENIED_CODES or status == 403:
-            raise StoreError(f"{op}: access denied ({code}); check the credentials or the presigned URL", key=key) from exc
+            raise AccessDenied(f"{op}: access denied ({code}); check the credentials", key=key) from exc
         if status >= 500 or code in {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}:
             raise StoreUnavailable(f"{op}: server error {status} {code}", key=key) from exc
         raise StoreError(f"{op}: request refused with {status} {code}", key=key) from exc
@@ -132,7 +132,7 @@ def _translate(op: str, key: str | None) -> Iterator[None]:
         raise StoreUnavailable(f"{op}: connection failed: {exc}", key=key) from exc
     except (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
             botocore.exceptions.ProfileNotFound) as exc:
-        raise StoreError(f"{op}: no usable AWS credentials: {exc}", key=key) from exc
+        raise AccessDenied(f"{op}: no usable AWS credentials: {exc}", key=key) from exc
     except botocore.exceptions.BotoCoreError as exc:
         raise StoreError(f"{op}: {exc}", key=key) from exc
     except boto3.exceptions.S3UploadFailedError as exc:
@@ -149,11 +149,6 @@ def _translate(op: str, key: str | None) -> Iterator[None]:
         raise StoreUnavailable(f"{op}: connection failed: {exc}", key=key) from exc
 
 
-def _backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
-    """Full-jitter exponential backoff (AWS architecture blog, 'Exponential Backoff And Jitter')."""
-    return random.uniform(0, min(cap, base * (2**attempt)))
-
-
 def _read_capped(body: Any, limit: int | None, key: str) -> bytes:
     """Read a streaming body in chunks, refusing to go past ``limit`` bytes."""
     out = bytearray()
@@ -163,7 +158,7 @@ def _read_capped(body: Any, limit: int | None, key: str) -> bytes:
             return bytes(out)
         out += chunk
         if limit is not None and len(out) > limit:
-            raise StoreError(f"object body passed the cap of {limit} bytes while downloading", key=key)
+            raise ObjectTooLarge(f"object body passed the cap of {limit} bytes while downloading", key=key)
 
 
 class S3Store(Store):
@@ -178,32 +173,28 @@ class S3Store(Store):
         region: str | None = None,
         addressing_style: str = "auto",
         profile: str | None = None,
-        request_timeout: float = 20.0,
-        connect_timeout: float | None = None,
-        retries: int = 4,
-        reconnects: int = 1,
+        policy: RetryPolicy | None = None,
         max_workers: int = 8,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         create_bucket: bool = False,
     ):
-        """``request_timeout`` is the read timeout of one request (seconds); ``connect_timeout``
-        defaults to a quarter of it (at least 1 s). ``retries`` is botocore's attempts per
-        request; ``reconnects`` the extra whole-operation attempts after a connection error."""
+        """``policy`` sets the request timeout and the retries of every operation (one layer:
+        botocore itself makes a single attempt); ``max_workers`` bounds multipart parallelism."""
         if addressing_style not in ("auto", "path", "virtual"):
             raise StoreError(f"addressing_style must be auto, path or virtual, got {addressing_style!r}")
-        if retries < 1 or reconnects < 0 or max_workers < 1 or request_timeout <= 0:
-            raise StoreError("need retries >= 1, reconnects >= 0, max_workers >= 1 and request_timeout > 0")
+        if max_workers < 1:
+            raise StoreError("need max_workers >= 1")
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}"
-        self.reconnects = reconnects
+        self.policy = policy or RetryPolicy()
         self.max_workers = max_workers
         self._accounting = _Accounting()
         config = Config(
             region_name=region or None,
-            connect_timeout=connect_timeout if connect_timeout is not None else max(1.0, request_timeout / 4),
-            read_timeout=request_timeout,
-            retries={"max_attempts": retries, "mode": "standard"},
+            connect_timeout=self.policy.connect_timeout,
+            read_timeout=self.policy.request_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
             s3={"addressing_style": addressing_style},
             max_pool_connections=max(10, max_workers * 2),
         )
@@ -218,16 +209,6 @@ class S3Store(Store):
         )
         if create_bucket:
             self._create_bucket(region)
-
-    @classmethod
-    def from_uri(cls, uri: str, **options: Any) -> S3Store:
-        """``s3://bucket/prefix`` plus keyword options of ``__init__`` (empty strings mean unset)."""
-        scheme, _, rest = uri.partition("://")
-        bucket, _, prefix = rest.partition("/")
-        if scheme != "s3" or not bucket:
-            raise StoreError(f"not an s3 URI: {uri!r}; expected s3://bucket/prefix")
-        check_options(cls, options, "s3")
-        return cls(bucket, prefix, **options)
 
     def _create_bucket(self, region: str | None) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
@@ -247,19 +228,13 @@ class S3Store(Store):
         return self.prefix + check_key(key)
 
     def _attempt(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
-        """Run ``fn`` under the error boundary, retrying connection errors and timeouts."""
-        attempt = 0
-        while True:
-            try:
-                with _translate(op, key):
-                    return fn()
-            except (StoreUnavailable, StoreTimeout) as exc:
-                if attempt >= self.reconnects:
-                    raise
-                delay = _backoff(attempt)
-                attempt += 1
-                log.info("s3 %s of %r failed (%s); retrying in %.2f s", op, key, exc, delay)
-                time.sleep(delay)
+        """Run ``fn`` under the error boundary, retried by the policy (timeouts and outages)."""
+
+        def once() -> T:
+            with _translate(op, key):
+                return fn()
+
+        return self.policy.call(once, what=f"s3 {op} of {key!r}")
 
     @property
     def stats(self) -> TransferStats:
@@ -289,10 +264,9 @@ class S3Store(Store):
             except botocore.exceptions.ClientError as exc:
                 code, status = _error_code(exc)
                 if status == 412 or code == "PreconditionFailed":
-                    # On a retry (ours or botocore's), an earlier attempt may have written before
-                    # its answer was lost: the object holding exactly our bytes means we wrote it.
-                    retried = attempts > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
-                    return retried and self.head(key).size == len(data) and self.get(key) == data
+                    # On a retry an earlier attempt may have written before its answer was lost:
+                    # the object holding exactly our bytes means we wrote it.
+                    return attempts > 1 and self.head(key).size == len(data) and self.get(key) == data
                 # 409 ConditionalRequestConflict: a concurrent conditional write is in flight;
                 # the other writer wins or retries, either way this call did not write.
                 if status == 409 or code == "ConditionalRequestConflict":
@@ -313,7 +287,7 @@ class S3Store(Store):
             try:
                 size = int(response.get("ContentLength", -1))
                 if max_bytes is not None and size > max_bytes:
-                    raise StoreError(f"object is {size} bytes, over the cap of {max_bytes}", key=key)
+                    raise ObjectTooLarge(f"object is {size} bytes, over the cap of {max_bytes}", key=key)
                 data = _read_capped(body, max_bytes, key)
             finally:
                 body.close()
@@ -321,20 +295,6 @@ class S3Store(Store):
             return data
 
         return self._attempt("get", key, download)
-
-    def get_many(self, keys: Iterable[str], *, max_bytes: int | None = None) -> dict[str, bytes | StoreError]:
-        """Fetch several objects concurrently (``max_workers`` threads); each key maps to its
-        bytes or to the ``StoreError`` that fetching it raised, so one bad key costs only itself."""
-        keys = list(dict.fromkeys(keys))
-
-        def one(key: str) -> bytes | StoreError:
-            try:
-                return self.get(key, max_bytes=max_bytes)
-            except StoreError as exc:
-                return exc
-
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, max(1, len(keys)))) as pool:
-            return dict(zip(keys, pool.map(one, keys)))
 
     def head(self, key: str) -> ObjectInfo:
         """Size and modification time of one object, without its body."""
@@ -376,18 +336,6 @@ class S3Store(Store):
             ),
         )
 
-    def check_conditional_writes(self, probe_key: str = "_probe/if-none-match") -> bool:
-        """True when the server honours ``If-None-Match: *`` (so ``put_if_absent`` is atomic).
-
-        Writes ``probe_key`` twice and deletes it. Run once when configuring a new endpoint."""
-        first = self.put_if_absent(probe_key, b"1")
-        second = self.put_if_absent(probe_key, b"2")
-        honoured = first and not second and self.get(probe_key) == b"1"
-        self.delete(probe_key)
-        if not honoured:
-            log.warning("%s ignores If-None-Match: put_if_absent is NOT atomic on this endpoint", self.uri)
-        return honoured
-
     def close(self) -> None:
         self._client.close()
 
@@ -398,12 +346,9 @@ class PresignedReader:
     Uses only urllib; refuses every scheme other than http/https (``file://`` from a hostile
     announcement would otherwise read local files)."""
 
-    def __init__(self, *, timeout: float = 20.0, retries: int = 3):
-        """``timeout``: seconds for connect and for each read; ``retries``: attempts per fetch."""
-        if timeout <= 0 or retries < 1:
-            raise StoreError("PresignedReader needs timeout > 0 and retries >= 1")
-        self.timeout = timeout
-        self.retries = retries
+    def __init__(self, policy: RetryPolicy | None = None):
+        """``policy``: the request timeout (connect and each read) and the retries of a fetch."""
+        self.policy = policy or RetryPolicy()
         self._accounting = _Accounting()
 
     @property
@@ -416,19 +361,8 @@ class PresignedReader:
         if not url.startswith(("http://", "https://")):
             raise StoreError(f"refusing to fetch a non-HTTP URL: {url[:64]!r}")
         if size is not None and max_bytes is not None and size > max_bytes:
-            raise StoreError(f"announced size {size} is over the cap of {max_bytes}", key=url.split("?", 1)[0])
-        attempt = 0
-        while True:
-            try:
-                data = self._fetch_once(url, size, max_bytes)
-                break
-            except (StoreUnavailable, StoreTimeout) as exc:
-                attempt += 1
-                if attempt >= self.retries:
-                    raise
-                delay = _backoff(attempt - 1)
-                log.info("GET of presigned URL failed (%s); retrying in %.2f s", exc, delay)
-                time.sleep(delay)
+            raise ObjectTooLarge(f"announced size {size} is over the cap of {max_bytes}", key=url.split("?", 1)[0])
+        data = self.policy.call(lambda: self._fetch_once(url, size, max_bytes), what="GET of a presigned URL")
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise IntegrityError(f"sha256 is {digest}, the announcement says {sha256}", key=url.split("?", 1)[0])
@@ -441,13 +375,13 @@ class PresignedReader:
 
         def check(length: int, done: bool) -> None:
             if max_bytes is not None and length > max_bytes:
-                raise StoreError(f"object is at least {length} bytes, over the cap of {max_bytes}", key=shown)
+                raise ObjectTooLarge(f"object is at least {length} bytes, over the cap of {max_bytes}", key=shown)
             if size is not None and (length > size or (done and length != size)):
                 raise IntegrityError(f"object is at least {length} bytes, the announcement says {size}", key=shown)
 
         t0 = time.perf_counter()
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as response:  # noqa: S310 (scheme checked)
+            with urllib.request.urlopen(url, timeout=self.policy.request_timeout) as response:  # noqa: S310 (scheme checked)
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit():
                     check(int(length), done=True)
@@ -461,7 +395,7 @@ class PresignedReader:
             if exc.code == 404:
                 raise ObjectNotFound("no such object behind the URL", key=shown) from exc
             if exc.code == 403:
-                raise StoreError("access denied: the presigned URL is expired or invalid", key=shown) from exc
+                raise AccessDenied("access denied: the presigned URL is expired or invalid", key=shown) from exc
             if exc.code >= 500:
                 raise StoreUnavailable(f"server error {exc.code}", key=shown) from exc
             raise StoreError(f"request refused with {exc.code}", key=shown) from exc

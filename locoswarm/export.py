@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from node.checkpoint import latest_checkpoint, load_checkpoint_into
-from node.data import TokenData
+from node.dataset import TokenData
 from node.model import build_model, export_hf
 from protocol.errors import CheckpointError
 from protocol.manifest import Manifest

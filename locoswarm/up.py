@@ -9,6 +9,7 @@ line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,10 +26,10 @@ from rich.live import Live
 from rich.table import Table
 
 from node.genesis import init_run
-from node.peer import read_progress
+from node.progress import read_history, read_progress
 from protocol.identity import Identity
 from protocol.manifest import Manifest
-from protocol.stores import open_store
+from protocol.stores import StoreSettings, open_store
 
 MARKER = ".locoswarm-up"
 
@@ -42,17 +43,15 @@ def _prepare_workdir(workdir: Path, keep: bool) -> None:
     (workdir / MARKER).write_text("made by locoswarm up\n")
 
 
-def _manifest(args: argparse.Namespace, store_uri: str) -> Manifest:
+def _manifest(args: argparse.Namespace) -> Manifest:
     manifest = Manifest.load(args.manifest) if args.manifest else Manifest()
-    updates = {"store__uri": store_uri}
+    updates: dict[str, object] = {}
     if args.preset:
         updates["model__preset"] = args.preset
     if args.steps:
         updates["inner__steps"] = args.steps
     if args.window_seconds:
         updates["run__window_seconds"] = args.window_seconds
-    if args.endpoint_url:
-        updates["store__endpoint_url"] = args.endpoint_url
     return manifest.replace(**updates)
 
 
@@ -71,19 +70,18 @@ def _table(rows: list[dict | None], names: list[str], elapsed: float, windows: i
         if info is None:
             table.add_row(name, "", "", "starting", "", "", "", "", "", "")
             continue
-        last = next((h for h in reversed(info["history"]) if h.get("heldout_loss") is not None), {})
-        trained = next((h for h in reversed(info["history"]) if h.get("train_loss") is not None), {})
+        last = info.get("last") or {}
         acct = info["accounting"]
         table.add_row(
             name,
             info["peer"][:8],
             str(info["window"]),
             info["phase"],
-            f"{trained['train_loss']:.3f}" if trained else "",
-            f"{last['heldout_loss']:.3f}" if last else "",
+            f"{last['train_loss']:.3f}" if last.get("train_loss") is not None else "",
+            f"{last['heldout_loss']:.3f}" if last.get("heldout_loss") is not None else "",
             _human(acct["bytes_up"]),
             _human(acct["bytes_down"]),
-            str(info["history"][-1].get("included", "")) if info["history"] else "",
+            str(last.get("included", "")),
             info["digest"][:8],
         )
     return table
@@ -134,16 +132,16 @@ def run_up(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     workdir = Path(args.workdir).resolve()
     _prepare_workdir(workdir, args.keep)
-    store_uri = args.store or f"file://{workdir / 'store'}"
-    manifest = _manifest(args, store_uri)
+    settings = StoreSettings.parse(args.store or f"file://{workdir / 'store'}", endpoint_url=args.endpoint_url)
+    store_uri = settings.to_uri()
+    manifest = _manifest(args)
     validator_dirs = [workdir / "validators" / f"validator-{i}" for i in range(args.validators)]
     if validator_dirs:  # the run trusts exactly the validators this network starts
         keys = tuple(Identity.load_or_create(d / "validator.key").public_key.hex() for d in validator_dirs)
         manifest = manifest.replace(validators__keys=keys)
     t0 = time.time()
     with console.status("creating the run: corpus, tokenizer, genesis weights ..."):
-        options = {"endpoint_url": args.endpoint_url, "create_bucket": True} if store_uri.startswith("s3://") else {}
-        store = open_store(store_uri, **{k: v for k, v in options.items() if v is not None})
+        store = open_store(dataclasses.replace(settings, create_bucket=settings.scheme == "s3"))
         manifest = init_run(manifest, store)
         store.close()
     manifest_path = workdir / "manifest.toml"
@@ -151,11 +149,12 @@ def run_up(args: argparse.Namespace) -> int:
     console.print(f"run [bold]{manifest.run_key}[/] in {store_uri} ready in {time.time() - t0:.1f}s")
 
     base = [sys.executable, "-m", "locoswarm.cli", "peer", "--store", store_uri, "--manifest", str(manifest_path)]
-    if args.endpoint_url:
-        base += ["--endpoint-url", args.endpoint_url]
     names = [f"peer-{i}" for i in range(args.peers)]
     procs = []
-    for name in names:
+    for i, name in enumerate(names):
+        # Fixed keys: the data a peer is assigned follows from its id, so a local network is
+        # reproducible run after run (tests/test_golden.py pins its digest and losses).
+        Identity.from_seed(f"locoswarm up peer {i}".encode()).save(workdir / "peers" / name / "peer.key")
         cmd = base + ["--workdir", str(workdir / "peers" / name), "--min-peers", str(args.peers),
                       "--windows", str(args.windows), "--threads", str(args.threads)]
         procs.append(_spawn(cmd, workdir / "peers" / name / "log.txt"))
@@ -167,6 +166,7 @@ def run_up(args: argparse.Namespace) -> int:
         validators.append(_spawn(cmd, vdir / "log.txt"))
 
     progress_files = [workdir / "peers" / n / "progress.json" for n in names]
+    history_files = [workdir / "peers" / n / "history.jsonl" for n in names]
     started = time.time()
     seen: dict[tuple[int, int], bool] = {}
     try:
@@ -178,8 +178,8 @@ def run_up(args: argparse.Namespace) -> int:
             if live:
                 live.update(_table(rows, names, time.time() - started, args.windows))
             else:
-                for i, info in enumerate(rows):
-                    for h in (info or {}).get("history", []):
+                for i, path in enumerate(history_files):
+                    for h in read_history(path):
                         if h.get("heldout_loss") is not None and (i, h["window"]) not in seen:
                             seen[(i, h["window"])] = True
                             console.print(f"{names[i]} window {h['window']:>3}  held-out loss {h['heldout_loss']:.4f}  "
@@ -203,13 +203,13 @@ def run_up(args: argparse.Namespace) -> int:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
-    return _summarize(console, args, workdir, rows, procs, validators, time.time() - t0)
+    histories = [read_history(path) for path in history_files]
+    return _summarize(console, args, workdir, rows, histories, procs, validators, time.time() - t0)
 
 
-def _summarize(console: Console, args, workdir: Path, rows, procs, validators, wall: float) -> int:
+def _summarize(console: Console, args, workdir: Path, rows, histories, procs, validators, wall: float) -> int:
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     failed_validators = [i for i, p in enumerate(validators) if p.returncode not in (0, -signal.SIGTERM)]
-    histories = [r["history"] if r else [] for r in rows]
     digests = [r["digest"] if r else None for r in rows]
     heldout = [h for h in (histories[0] if histories else []) if h.get("heldout_loss") is not None]
     payloads = [h["payload_bytes"] for hist in histories for h in hist if h.get("payload_bytes")]
@@ -223,7 +223,8 @@ def _summarize(console: Console, args, workdir: Path, rows, procs, validators, w
         "digests_equal": bool(digests) and None not in digests and len(set(digests)) == 1,
         "digest": digests[0] if digests else None,
         "bytes_up_per_peer_per_window": statistics.median(
-            [r["accounting"]["bytes_up"] / max(1, len([h for h in r["history"] if h.get("payload_bytes")])) for r in rows if r]
+            [r["accounting"]["bytes_up"] / max(1, len([h for h in hist if h.get("payload_bytes")]))
+             for r, hist in zip(rows, histories) if r]
         ) if any(rows) else None,
         "payload_bytes_median": statistics.median(payloads) if payloads else None,
         "params": n_params,

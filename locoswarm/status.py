@@ -8,10 +8,11 @@ from rich.console import Console
 from rich.table import Table
 
 from node.checkpoint import latest_checkpoint, load_checkpoint_into
-from node.data import TokenData
+from node.dataset import TokenData
+from node.follow import CloseReader
 from node.model import build_model, heldout_loss
 from protocol import paths
-from protocol.close import CloseRecord, read_close_record
+from protocol.close import CloseRecord
 from protocol.errors import LocoError, ObjectNotFound
 from protocol.manifest import Manifest
 from protocol.scores import combine, read_score_record
@@ -23,15 +24,14 @@ def latest_close(store: Store, run_key: str) -> CloseRecord | None:
     """The close record of the newest closed window (its first valid close slot)."""
     windows = sorted({w for o in store.list("windows/") if "/close" in o.key
                       for w in [paths.window_of_key(o.key)] if w is not None})
+    closes = CloseReader(store, run_key)
     for window in reversed(windows):
-        for slot in range(paths.CLOSE_SLOTS):
-            try:
-                data = store.get(paths.close_slot_key(window, slot), max_bytes=1 << 20)
-                return read_close_record(data, run=run_key, window=window)
-            except ObjectNotFound:
-                break
-            except LocoError:
-                continue
+        try:
+            record = closes.first_valid(window)
+        except LocoError:
+            continue
+        if record is not None:
+            return record
     return None
 
 
