@@ -116,7 +116,11 @@ def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
             raise ManifestError("--publish-store must be an s3:// URI (presigned URLs need S3)")
         own = open_store(replace(own_settings, create_bucket=False))
     with store:
-        Peer(manifest, store, node, own_store=own).run()  # type: ignore[arg-type]
+        try:
+            Peer(manifest, store, node, own_store=own).run()  # type: ignore[arg-type]
+        finally:
+            if torch.distributed.is_initialized():  # leave the group before exit, not in a destructor
+                torch.distributed.destroy_process_group()
         if settings.scheme == "p2p":
             # Our last payload and close record live only in this process: keep serving
             # them while slower peers finish the window.
