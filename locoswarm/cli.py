@@ -11,7 +11,7 @@ import importlib.metadata
 import logging
 import sys
 
-from protocol.errors import LocoError, StoreError
+from protocol.errors import IdentityError, LocoError, StoreError
 from protocol.manifest import COMM_CHOICES
 from protocol.retry import RetryPolicy
 from protocol.stores import StoreSettings
@@ -82,8 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds (default 3600)")
 
-    p = command("init", "create a run in a store: manifest, tokenizer, data, genesis weights")
+    p = command("init", "create a run in a store: manifest, tokenizer, data")
     _add_store_args(p)
+    p.add_argument("--name", help="the run's name, run.id (default: the manifest's)")
+    p.add_argument("--genesis", help="when window 0 closes at the latest minus run.window_seconds: unix seconds, "
+                   "an ISO 8601 time, or +MINUTES from now (default: now)")
+    p.add_argument("--peer-key", action="append", default=[], metavar="KEY",
+                   help="a peer the run vouches for (hex public key, or a key file); repeat for each. Without "
+                        "validators these peers are the only ones whose payloads count, and they decide windows")
+    p.add_argument("--validator-key", action="append", default=[], metavar="KEY",
+                   help="a validator the run trusts (hex public key, or a key file); repeat for each. "
+                        "Validators score peers and decide windows")
     p.add_argument("--out-manifest", help="also write the final manifest (genesis time set) here")
     p.add_argument("--create-bucket", action="store_true", help="s3: create the bucket if it does not exist")
     p.add_argument("--serve", action="store_true",
@@ -96,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, help="ed25519 key file of this peer (default WORKDIR/peer.key)")
     p.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
-    p.add_argument("--min-peers", type=int, default=1, help="window 0 waits for this many peers (default 1)")
     p.add_argument("--windows", type=int, default=0, help="stop after this window (default 0: run forever)")
     p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation every N windows (0 = never)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
@@ -106,16 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comm", choices=COMM_CHOICES, default=None,
                    help="under torchrun: fp32 all-reduce or LoCo 4-bit between ranks (default: the manifest's)")
 
+    p = command("keygen", "make an ed25519 identity for a peer or a validator and print its public key")
+    p.add_argument("--out", required=True, help="where to write the private key (mode 0600; back it up)")
+
     p = command("inspect", "show what a payload file holds, or why it is rejected (exit 2)")
     p.add_argument("file", help="a payload object (.lsp)")
 
     p = command("status", "print the run's state: window, loss, peers, scores, sync")
     _add_store_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--eval", action="store_true",
+                   help="also replay the run to its newest state and report its held-out loss (builds the model)")
 
     p = command("export", "export the run's latest checkpoint as a Hugging Face model")
     _add_store_args(p)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint-only", action="store_true",
+                   help="export the newest verified checkpoint as it is, without replaying the windows after it")
+    p.add_argument("--sample", default=None, metavar="PROMPT",
+                   help="also write OUT/sample.txt: text the model generates after PROMPT")
 
     p = command("validator", "run a validator: check, score and publish scores")
     _add_store_args(p)
@@ -172,6 +189,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from locoswarm.inspect import run
 
         return run(args.file)
+    if args.command == "keygen":
+        return _keygen(args.out)
     if args.command == "bench":
         from bench import main as bench_main
 
@@ -183,6 +202,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     from locoswarm.commands import run_command
 
     return run_command(args, settings)
+
+
+def _keygen(out: str) -> int:
+    """Create a key file (refusing to overwrite one) and print what a run operator needs."""
+    from pathlib import Path
+
+    from protocol.identity import Identity
+
+    path = Path(out)
+    if path.exists():
+        raise IdentityError(f"{path} exists; refusing to overwrite an identity (move it away first)")
+    identity = Identity.generate()
+    identity.save(path)
+    print(f"public key  {identity.public_key.hex()}")
+    print(f"peer id     {identity.peer_id}")
+    print(f"private key {path.resolve()} (back it up: whoever holds it is this peer)")
+    return 0
 
 
 if __name__ == "__main__":

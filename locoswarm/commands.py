@@ -39,7 +39,7 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
     if args.command == "init":
         from node.genesis import init_run
 
-        manifest = Manifest.load(args.manifest) if args.manifest else Manifest()
+        manifest = _init_manifest(args)
         store = open_store(settings)
         try:
             final = init_run(manifest, store)
@@ -58,21 +58,24 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
 
         manifest, store = open_run(args, settings)
         with store:
-            return print_status(manifest, store, as_json=args.json)
+            heldout = _newest_loss(manifest, store) if args.eval else None
+            return print_status(manifest, store, as_json=args.json, heldout=heldout)
     if args.command == "export":
         from locoswarm.export import export_latest
 
         manifest, store = open_run(args, settings)
         with store:
-            window = export_latest(manifest, store, Path(args.out))
-        print(json.dumps({"exported_window": window, "out": args.out}))
+            exported = export_latest(manifest, store, Path(args.out), checkpoint_only=args.checkpoint_only,
+                                     sample=args.sample)
+        print(json.dumps(exported))
         return 0
     if args.command == "validator":
         from validator.service import run_validator
 
-        manifest, store = open_run(args, settings)
+        identity = Identity.load_or_create(Path(args.key) if args.key else Path(args.workdir) / "validator.key")
+        manifest, store = open_run(args, settings, identity)
         with store:
-            return run_validator(manifest, store, args)
+            return run_validator(manifest, store, args, identity)
     raise SystemExit(f"unknown command {args.command}")
 
 
@@ -99,7 +102,6 @@ def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
         key_path=Path(args.key) if args.key else None,
         device=device,
         threads=args.threads,
-        min_peers=args.min_peers,
         max_windows=args.windows,
         eval_every=args.eval_every,
         metrics_port=args.metrics_port,
@@ -127,6 +129,62 @@ def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
             log.info("serving our objects for %.0fs more", manifest.run.window_seconds)
             time.sleep(manifest.run.window_seconds)
     return 0
+
+
+def _newest_loss(manifest: Manifest, store: Store) -> tuple[int, float]:
+    """Held-out loss of the run's newest state (replayed like a late joiner's)."""
+    from node.dataset import TokenData
+    from node.follow import replay_to_newest
+    from node.model import build_model, heldout_loss, param_shapes
+    from node.replica import Replica
+    from protocol.codec_types import model_layout
+
+    data = TokenData.load(manifest, store)
+    model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
+    layouts = model_layout(param_shapes(model), manifest.codec)
+    replica, _ = replay_to_newest(manifest, store, Replica(dict(model.named_parameters()), 0), layouts)
+    replica.load_into(model)
+    return replica.window, heldout_loss(model, data, manifest.data.eval_sequences, manifest.data.batch_size)
+
+
+def _init_manifest(args: argparse.Namespace) -> Manifest:
+    """The manifest ``init`` writes: the file given (or the defaults) with the flags applied."""
+    manifest = Manifest.load(args.manifest) if args.manifest else Manifest()
+    updates: dict = {}
+    if args.name:
+        updates["run__id"] = args.name
+    if args.genesis:
+        updates["run__genesis"] = _parse_time(args.genesis)
+    if args.peer_key:
+        updates["run__peers"] = tuple(_public_key(k) for k in args.peer_key)
+    if args.validator_key:
+        updates["validators__keys"] = tuple(_public_key(k) for k in args.validator_key)
+    return manifest.replace(**updates) if updates else manifest
+
+
+def _public_key(value: str) -> str:
+    """A hex public key, given as such or as the path of a key file."""
+    if len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower()):
+        return value.lower()
+    if Path(value).is_file():
+        return Identity.load(value).public_key.hex()
+    raise ManifestError(f"{value!r} is neither a hex ed25519 public key (64 characters) nor a key file")
+
+
+def _parse_time(value: str) -> float:
+    """Unix seconds, ``+MINUTES`` from now, or an ISO 8601 time (UTC unless it says otherwise)."""
+    import datetime as dt
+
+    try:
+        if value.startswith("+"):
+            return round(time.time() + 60 * float(value[1:]), 3)
+        try:
+            return float(value)
+        except ValueError:
+            when = dt.datetime.fromisoformat(value)
+            return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+    except ValueError as exc:
+        raise ManifestError(f"--genesis {value!r}: use unix seconds, +MINUTES or an ISO 8601 time") from exc
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -32,6 +32,8 @@ from protocol.manifest import Manifest
 from protocol.stores import StoreSettings, open_store
 
 MARKER = ".locoswarm-up"
+STARTUP_SECONDS = 60.0
+"""Time the peers of a local network get to start before window 0's deadline starts counting."""
 
 
 def _prepare_workdir(workdir: Path, keep: bool) -> None:
@@ -134,11 +136,20 @@ def run_up(args: argparse.Namespace) -> int:
     _prepare_workdir(workdir, args.keep)
     settings = StoreSettings.parse(args.store or f"file://{workdir / 'store'}", endpoint_url=args.endpoint_url)
     store_uri = settings.to_uri()
-    manifest = _manifest(args)
+    names = [f"peer-{i}" for i in range(args.peers)]
+    # Fixed peer keys: the data a peer is assigned follows from its id, so a local network is
+    # reproducible run after run (tests/test_golden.py pins its digest and losses). The run
+    # vouches for exactly these peers and trusts exactly the validators it starts.
+    peer_keys = []
+    for i, name in enumerate(names):
+        identity = Identity.from_seed(f"locoswarm up peer {i}".encode())
+        identity.save(workdir / "peers" / name / "peer.key")
+        peer_keys.append(identity.public_key.hex())
     validator_dirs = [workdir / "validators" / f"validator-{i}" for i in range(args.validators)]
-    if validator_dirs:  # the run trusts exactly the validators this network starts
-        keys = tuple(Identity.load_or_create(d / "validator.key").public_key.hex() for d in validator_dirs)
-        manifest = manifest.replace(validators__keys=keys)
+    validator_keys = tuple(Identity.load_or_create(d / "validator.key").public_key.hex() for d in validator_dirs)
+    # Window 0 may close a minute after the peers had time to start (earlier once all published).
+    manifest = _manifest(args).replace(run__peers=tuple(peer_keys), validators__keys=validator_keys,
+                                       run__genesis=round(time.time() + STARTUP_SECONDS, 3))
     t0 = time.time()
     with console.status("creating the run: corpus, tokenizer, genesis weights ..."):
         store = open_store(dataclasses.replace(settings, create_bucket=settings.scheme == "s3"))
@@ -149,14 +160,10 @@ def run_up(args: argparse.Namespace) -> int:
     console.print(f"run [bold]{manifest.run_key}[/] in {store_uri} ready in {time.time() - t0:.1f}s")
 
     base = [sys.executable, "-m", "locoswarm.cli", "peer", "--store", store_uri, "--manifest", str(manifest_path)]
-    names = [f"peer-{i}" for i in range(args.peers)]
     procs = []
-    for i, name in enumerate(names):
-        # Fixed keys: the data a peer is assigned follows from its id, so a local network is
-        # reproducible run after run (tests/test_golden.py pins its digest and losses).
-        Identity.from_seed(f"locoswarm up peer {i}".encode()).save(workdir / "peers" / name / "peer.key")
-        cmd = base + ["--workdir", str(workdir / "peers" / name), "--min-peers", str(args.peers),
-                      "--windows", str(args.windows), "--threads", str(args.threads)]
+    for name in names:
+        cmd = base + ["--workdir", str(workdir / "peers" / name), "--windows", str(args.windows),
+                      "--threads", str(args.threads)]
         procs.append(_spawn(cmd, workdir / "peers" / name / "log.txt"))
     validators = []
     for vdir in validator_dirs:

@@ -1,9 +1,19 @@
 """The run's published checkpoints: the global weights at the start of a window.
 
-Published checkpoints hold only the global weights at the start of a window plus a small
-JSON meta (window, digest, sha256 of the weights file). Any replica may publish one
-(``put_if_absent``: honest replicas would write identical bytes); a late joiner checks the
-file's hash and the weights' digest before using it. safetensors never executes code.
+A checkpoint of window W lives under ``checkpoints/WWWWWW/`` as two objects named by the
+weights' digest (the one every replica computes, ``protocol.digest``)::
+
+    <digest>.safetensors   the weights (multipart above 8 MiB on S3)
+    <digest>.json          window, digest, sha256 and size of the weights file: the commit
+                           marker, written last, so its presence means the upload is whole
+
+Anyone can write anything there, so nothing in it is trusted by itself: a reader asks for
+the checkpoint whose digest the run's decision of window W certifies
+(``node.follow.Follower.verified_checkpoint``) and checks the file against it. Naming by
+digest means nobody can block the honest checkpoint by writing first under its name: the
+publisher overwrites whatever is there with the bytes everyone can check. One replica
+publishes each checkpoint (the proposer of the decided round). safetensors never executes
+code.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -21,88 +32,95 @@ from protocol.digest import weights_digest
 from protocol.errors import CheckpointError, ObjectNotFound, StoreError
 from protocol.stores.base import Store
 
-MAX_META_BYTES = 1 << 16
+MAX_META_BYTES = 1 << 12
+_META_KEYS = {"window", "digest", "sha256", "size"}
 
 
-def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tensor]) -> bool:
-    """Publish the global weights at the start of ``window``; False if one was already there."""
+def weights_key(window: int, digest: bytes) -> str:
+    return f"{paths.checkpoint_dir(window)}{digest.hex()}.safetensors"
+
+
+def meta_key(window: int, digest: bytes) -> str:
+    return f"{paths.checkpoint_dir(window)}{digest.hex()}.json"
+
+
+def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tensor]) -> bytes:
+    """Publish the global weights at the start of ``window``; returns their digest."""
     blob = save({k: v.detach().to("cpu").contiguous() for k, v in sorted(weights.items())})
-    meta = {
-        "window": window,
-        "digest": weights_digest(weights).hex(),
-        "sha256": hashlib.sha256(blob).hexdigest(),
-        "size": len(blob),
-    }
-    wrote = store.put_if_absent(paths.checkpoint_weights_key(window), blob)
-    if wrote:
-        store.put(paths.checkpoint_meta_key(window), json.dumps(meta).encode())
-    return wrote
+    digest = weights_digest(weights)
+    meta = {"window": window, "digest": digest.hex(), "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+    store.put(weights_key(window, digest), blob)
+    store.put(meta_key(window, digest), json.dumps(meta, sort_keys=True).encode())  # the commit marker, last
+    return digest
 
 
-def latest_checkpoint(store: Store, every: int) -> int | None:
-    """The newest window with a published checkpoint, or None.
+def checkpoint_windows(store: Store, every: int) -> Iterator[int]:
+    """Windows that have some checkpoint object, newest first (whether one is right is for
+    the caller to check against the run's decisions).
 
     Lists ``checkpoints/`` when the store can list that deep; a store whose listing is one
-    level deep (p2p) is probed at multiples of ``every`` (galloping, then bisecting), which
-    relies on checkpoints never being deleted.
+    level deep (p2p) is probed at multiples of ``every`` (galloping to the newest, then
+    stepping down).
     """
-    listed = {paths.window_of_key(o.key) for o in store.list("checkpoints/") if o.key.endswith("/meta.json")}
-    listed.discard(None)
+    listed = {w for o in store.list("checkpoints/")
+              if (w := paths.window_of_key(o.key)) is not None and o.key.endswith(".json")}
     if listed:
-        return max(listed)
+        yield from sorted(listed, reverse=True)
+        return
 
     def published(k: int) -> bool:
-        return store.exists(paths.checkpoint_meta_key(k * every))
+        return any(o.key.endswith(".json") for o in store.list(paths.checkpoint_dir(k * every)))
 
     if not published(0):
-        return None
+        return
     lo, hi = 0, 1
     while published(hi):
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if published(mid) else (lo, mid)
-    return lo * every
-
-
-def load_checkpoint_into(model: torch.nn.Module, store: Store, window: int) -> bytes:
-    """Set ``model``'s parameters to the verified published weights of ``window``; its digest."""
-    weights, digest = fetch_checkpoint(store, window, {n: tuple(p.shape) for n, p in model.named_parameters()})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(weights[name])
-    return digest
+    for k in range(lo, -1, -1):
+        if published(k):
+            yield k * every
 
 
 def fetch_checkpoint(
-    store: Store, window: int, expected_shapes: dict[str, tuple[int, ...]], max_bytes: int | None = None
-) -> tuple[dict[str, torch.Tensor], bytes]:
-    """Download, hash-check and shape-check the published weights of ``window``.
-
-    ``max_bytes`` defaults to what float32 weights of those shapes take, plus 1 MiB.
-    """
-    if max_bytes is None:
-        max_bytes = 4 * sum(math.prod(s) for s in expected_shapes.values()) + (1 << 20)
+    store: Store, window: int, digest: bytes, expected_shapes: dict[str, tuple[int, ...]],
+) -> dict[str, torch.Tensor]:
+    """The published weights of ``window`` with ``digest``, verified: commit marker strict,
+    size and sha256 of the file, a safetensors file of exactly the run's shapes, and the
+    weights' digest. ``CheckpointError`` names what is wrong; nothing is trusted on its own."""
+    max_bytes = 4 * sum(math.prod(s) for s in expected_shapes.values()) + (1 << 20)
     try:
-        meta = json.loads(store.get(paths.checkpoint_meta_key(window), max_bytes=MAX_META_BYTES))
-        blob = store.get(paths.checkpoint_weights_key(window), max_bytes=max_bytes)
-    except (ObjectNotFound, ValueError) as exc:
-        raise CheckpointError(f"checkpoint of window {window} is missing or unreadable: {exc}") from exc
+        meta = json.loads(store.get(meta_key(window, digest), max_bytes=MAX_META_BYTES), object_pairs_hook=_no_repeats)
+    except ObjectNotFound as exc:
+        raise CheckpointError(f"no checkpoint of window {window} with digest {digest.hex()[:12]}") from exc
+    except (ValueError, StoreError) as exc:
+        raise CheckpointError(f"checkpoint meta of window {window} cannot be read: {exc}") from exc
+    if (not isinstance(meta, dict) or set(meta) != _META_KEYS or meta["window"] != window
+            or meta["digest"] != digest.hex() or type(meta["size"]) is not int or not 0 < meta["size"] <= max_bytes
+            or not isinstance(meta["sha256"], str)):
+        raise CheckpointError(f"checkpoint meta of window {window} is malformed")
+    try:
+        blob = store.get(weights_key(window, digest), max_bytes=meta["size"])
     except StoreError as exc:
         raise CheckpointError(f"checkpoint of window {window} could not be fetched: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("window") != window:
-        raise CheckpointError(f"checkpoint meta of window {window} is malformed")
-    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-        raise CheckpointError(f"checkpoint of window {window} fails its sha256 check")
+    if len(blob) != meta["size"] or hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"checkpoint of window {window} fails its size or sha256 check")
     try:
         weights = load(blob)
     except SafetensorError as exc:
         raise CheckpointError(f"checkpoint of window {window} is not valid safetensors: {exc}") from exc
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    if got != expected_shapes:
+    if {k: tuple(v.shape) for k, v in weights.items()} != expected_shapes:
         raise CheckpointError(f"checkpoint of window {window} does not match the run's model layout")
     weights = {k: v.to(torch.float32) for k, v in weights.items()}
-    digest = weights_digest(weights)
-    if digest.hex() != meta.get("digest"):
-        raise CheckpointError(f"checkpoint of window {window} has digest {digest.hex()[:12]}, meta says otherwise")
-    return weights, digest
+    if weights_digest(weights) != digest:
+        raise CheckpointError(f"checkpoint of window {window} does not have the digest it is named by")
+    return weights
+
+
+def _no_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a JSON object repeats a key")
+    return out

@@ -1,117 +1,270 @@
-"""Who counts in a window: wait until it is complete, then write its close record (or read
-the one another participant wrote first).
+"""Closing windows: the node side of ``protocol/consensus.py``.
 
 Replicas stay bit-identical only if every one of them aggregates exactly the same payloads,
-and payloads reach different peers at different times. So the first participant that sees
-a window complete (every expected peer published, or the deadline passed) fetches and
-verifies what is there, keeps what the validators allow, and writes a signed close record
-into the window's first free close slot with ``put_if_absent``; everyone else reads that
-record (``node.follow.CloseReader``). The peer's loop drives it: ``ready`` says when the
-window may close, the peer then learns whose payloads the validators allow
-(``validators_allow``) and passes that set to ``write`` as a value.
+and payloads reach different peers at different times. So what a window counts is decided
+once, by the keys the manifest trusts (its closers), and everyone else reads the decision:
+
+- ``DecisionReader`` (every node): a window's decision record, or, failing that, a quorum of
+  precommits in its consensus records. Nothing signed by any other key decides anything.
+- ``Closing`` (a node that is one of the closers): plays the Tendermint rounds through the
+  store. As proposer it waits until the window may close (every expected peer published,
+  or the deadline passed), then proposes the admitted payloads it verified, keeping a
+  content-addressed copy of those served from peers' own buckets. As voter it checks every
+  proposal before voting for it (``judge``): our base digest; a close time that agrees with
+  our clock, and not before the deadline unless every expected peer is in; admission by
+  the rules every closer recomputes (``node/admission.py``); every listed payload fetched
+  by hash and decoded; and nothing valid and on time left out, where the store's own clock
+  says what was on time. Once decided it writes a decision record for readers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
+from node import admission
 from node.accounting import Accounting
-from node.exchange import Exchange, Gathered
-from node.follow import CloseReader
+from node.exchange import FETCH_WORKERS, Exchange
+from node.follow import ConsensusLog, Once
 from protocol import paths
-from protocol.close import CloseRecord, make_close_record
-from protocol.errors import RecordRejected, StoreError
+from protocol.consensus import (
+    MAX_INCLUDED,
+    MAX_PROPOSAL_BYTES,
+    MAX_VOTE_BYTES,
+    PROPOSAL,
+    CloseValue,
+    Decision,
+    Included,
+    Participant,
+    Publish,
+    Timeouts,
+    sign_decision,
+    sign_proposal,
+    sign_vote,
+)
+from protocol.errors import PayloadRejected, PayloadUnavailable
 from protocol.identity import Identity
 from protocol.manifest import Manifest
-from protocol.scores import allowed_peers
-from protocol.stores.base import Store
+from protocol.stores.base import ObjectInfo, Store
 from protocol.wire import Expectation
 
 log = logging.getLogger(__name__)
 
-MAX_SCORE_LOOKBACK = 8
-"""Windows a closer looks back for validator scores when the lagged ones are missing."""
+_CAPS = {PROPOSAL: MAX_PROPOSAL_BYTES, "prevote": MAX_VOTE_BYTES, "precommit": MAX_VOTE_BYTES}
 
 
-def validators_allow(
-    store: Store, manifest: Manifest, window: int, *, give_up: float, poll_seconds: float,
-    clock: Callable[[], float] = time.time,
-) -> set[str] | None:
-    """Whose payloads count in ``window``, from the trusted validators' lagged scores.
-
-    Waits until ``give_up`` for the scores of ``window - score_lag`` (validators work while
-    peers train), then falls back to the newest earlier scores; None (all count) when the
-    run trusts no validator or none published yet.
-    """
-    v = manifest.validators
-    if not v.keys:
-        return None
-
-    def lookup(w: int) -> set[str] | None:
-        return allowed_peers(store, manifest.run_key, w, v.score_lag, v.keys, min_weight=v.min_weight)
-
-    while (allowed := lookup(window)) is None and window - v.score_lag >= 0 and clock() < give_up:
-        time.sleep(poll_seconds)
-    for earlier in range(window - 1, max(-1, window - 1 - MAX_SCORE_LOOKBACK), -1):
-        if allowed is not None:
-            break
-        allowed = lookup(earlier)
-    return allowed
+def clock_skew(manifest: Manifest) -> float:
+    """Seconds two honest clocks (and a store's) may disagree by."""
+    return max(2.0, manifest.run.window_seconds / 10)
 
 
-class Closer:
-    """Closes windows for one participant: writes the close record, or reads the one written first."""
+def timeouts(manifest: Manifest) -> Timeouts:
+    """Round timeouts, scaled to the window length."""
+    ws = manifest.run.window_seconds
+    return Timeouts(base=max(2.0, ws / 20), delta=max(1.0, ws / 40), propose_grace=max(3.0, ws / 10))
 
-    def __init__(self, store: Store, identity: Identity, run_key: str, exchange: Exchange, closes: CloseReader,
+
+@dataclass
+class _Candidate:
+    """A present payload, verified once per listing of it."""
+
+    listed: tuple[int, float]
+    included: Included | None
+    reason: str
+    mirror: bytes | None = None
+    """Its bytes, when only the peer's own bucket serves them (the proposer keeps a copy)."""
+
+
+@dataclass
+class _Window:
+    participant: Participant
+    log: ConsensusLog
+    validity: dict[bytes, bool] = field(default_factory=dict)
+    proposal: CloseValue | None = None
+    candidates: dict[str, _Candidate] = field(default_factory=dict)
+    decision_written: bool = False
+
+
+class Closing:
+    """This node's part in deciding windows, when its key is one of the run's closers."""
+
+    def __init__(self, store: Store, manifest: Manifest, identity: Identity, exchange: Exchange,
                  accounting: Accounting, *, clock: Callable[[], float] = time.time):
         self.store = store
+        self.manifest = manifest
         self.identity = identity
-        self.run_key = run_key
+        self.me = identity.public_key.hex()
+        if self.me not in manifest.closers:
+            raise ValueError("this node's key is not one of the run's closers")
         self.exchange = exchange
-        self.closes = closes
         self.acct = accounting
         self.clock = clock
-        self.refused: list[tuple[str, str]] = []
-        """``(peer, reason)`` for each present payload the last record we wrote left out."""
+        self.skew = clock_skew(manifest)
+        self.once = Once()
+        self._windows: dict[int, _Window] = {}
 
-    def ready(self, window: int, *, expected: set[str], min_peers: int, deadline: float) -> list[str] | None:
-        """The peers present in ``window`` once it may be closed, else None.
+    def poll(self, window: int, expect: Expectation, *, deadline: float, expected: set[str]) -> Decision | None:
+        """One step of the window's rounds: read what is new, judge new proposals, propose
+        when it is our turn and the window may close, vote, and return the decision once
+        there is one (after writing our decision record)."""
+        now = self.clock()
+        st = self._state(window, deadline, now)
+        previous_poll = st.log.previous_poll
+        seen = st.log.refresh(now)
+        for versions in seen.proposals.values():
+            for vid, proposal in versions.items():
+                if vid in st.validity:
+                    continue
+                reason = self.judge(st, proposal.value, expect, deadline=deadline, expected=expected,
+                                    first_seen=st.log.first_seen.get(vid, now), previous_poll=previous_poll)
+                if reason is None:
+                    st.validity[vid] = True
+                elif reason:
+                    st.validity[vid] = False
+                    log.warning("window %d: voting against the proposal of round %d: %s", window, proposal.round, reason)
+        part = st.participant
+        value = st.proposal
+        if value is None and part.proposer(part.round) == self.me and (PROPOSAL, part.round) not in part.sent:
+            value = st.proposal = self.propose(st, window, expect, deadline=deadline, expected=expected)
+            if value is not None:
+                st.validity[value.id] = True
+        for action in part.step(seen, st.validity, value, self.clock()):
+            self._publish(window, action)
+        if part.decision is None:
+            return None
+        if not st.decision_written:
+            raws = seen.precommit_records(part.decision)
+            if len(raws) >= self.manifest.quorum:  # decided from votes we hold (not only from a record)
+                self.store.put(paths.decision_key(window, self.identity.peer_id),
+                               sign_decision(self.identity, self.manifest.run_key, window, part.decision.value, raws))
+            st.decision_written = True
+        self._windows = {w: s for w, s in self._windows.items() if w > window}
+        return part.decision
 
-        A window may be closed once every peer in ``expected`` and at least ``min_peers``
-        peers have published, or once ``deadline`` passed.
-        """
-        present = self.exchange.present(window)
-        complete = expected <= present.keys() and len(present) >= min_peers
-        return sorted(present) if complete or self.clock() >= deadline else None
+    def _state(self, window: int, deadline: float, now: float) -> _Window:
+        if window not in self._windows:
+            part = Participant(window, self.me, self.manifest.closers, self.manifest.quorum, deadline=deadline,
+                               timeouts=timeouts(self.manifest), now=now)
+            clog = ConsensusLog(self.store, self.manifest, window, self.acct, self.once)
+            part.restore(clog.refresh(now))  # a restarted closer never votes twice in a round
+            self._windows[window] = _Window(part, clog)
+        return self._windows[window]
 
-    def write(self, window: int, expect: Expectation, peers: list[str], allowed: set[str] | None) -> CloseRecord:
-        """Verify what is present and try to be the one who closes the window; the record
-        that closed it (ours, or the one another participant wrote first)."""
+    def _publish(self, window: int, action: Publish) -> None:
+        run = self.manifest.run_key
+        if action.kind == PROPOSAL:
+            assert action.value is not None
+            blob = sign_proposal(self.identity, run, window, action.round, action.value, action.valid_round)
+            log.info("window %d: proposing %d payloads in round %d", window, len(action.value.included), action.round)
+        else:
+            blob = sign_vote(self.identity, run, action.kind, window, action.round, action.value_id)
+        # Our own key: a plain put replaces whatever anyone else wrote there first.
+        self.store.put(paths.consensus_key(window, action.round, action.kind, self.identity.peer_id), blob)
+        self.acct.bytes_up += len(blob)
+
+    # ------------------------------------------------------------------ proposing
+    def _verify_present(self, st: _Window, window: int, expect: Expectation, allowed: frozenset[str],
+                        standing: frozenset[str]) -> dict[str, ObjectInfo]:
+        """Fetch and verify every admitted present payload not verified in its current form."""
+        present = {p: o for p, o in self.exchange.present(window, expect.max_bytes).items() if p in allowed}
+        todo = [p for p, o in present.items()
+                if p not in st.candidates or st.candidates[p].listed != (o.size, o.modified)]
+
+        def check(peer: str) -> _Candidate:
+            info = present[peer]
+            try:
+                payload, data = self.exchange.verify(peer, expect)
+            except (PayloadUnavailable, PayloadRejected) as exc:
+                return _Candidate((info.size, info.modified), None, str(exc))
+            assert data is not None
+            inc = Included(peer, hashlib.sha256(data).hexdigest(), len(data), peer in standing)
+            from_bucket = paths.peer_of_announce_key(info.key) is not None
+            return _Candidate((info.size, info.modified), inc, "", data if from_bucket else None)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(FETCH_WORKERS, len(todo)))) as pool:
+            for peer, cand in zip(todo, pool.map(check, todo)):
+                st.candidates[peer] = cand
+        return present
+
+    def propose(self, st: _Window, window: int, expect: Expectation, *, deadline: float,
+                expected: set[str]) -> CloseValue | None:
+        """Our value for the window once it may close; None while we wait for expected peers."""
+        adm = admission.choose(self.manifest, self.store, window)
+        present = self._verify_present(st, window, expect, adm.allowed, adm.standing)
+        good = {p: st.candidates[p] for p in present if st.candidates[p].included is not None}
+        complete = expected <= good.keys()
+        if not complete and self.clock() < deadline:
+            return None
+        chosen = _cap(self.manifest, {p: c.included for p, c in good.items()}, present, self.store.trusted_clock)
+        for peer in chosen:
+            cand = good[peer]
+            if cand.mirror is not None:  # served from the peer's own bucket: keep a copy readers can fetch by hash
+                self.store.put_if_absent(paths.blob_key(window, cand.included.sha256), cand.mirror)
         assert expect.base_digest is not None
-        checked = Gathered()
-        included = []
-        for peer in peers:
-            if allowed is not None and peer not in allowed:
-                checked.rejected.append((peer, "not in the validators' allowed set"))
-                continue
-            inc = self.exchange.verify(peer, expect, checked)
-            if inc is not None:
-                included.append(inc)
-        self.refused = checked.rejected
-        for peer, reason in checked.rejected:
-            log.warning("window %d: payload of %s not listed: %s", window, peer, reason)
-        record = CloseRecord(window, expect.base_digest, self.clock(), tuple(included))
-        blob = make_close_record(self.identity, self.run_key, record)
-        for slot in range(paths.CLOSE_SLOTS):
-            if self.store.put_if_absent(paths.close_slot_key(window, slot), blob):
-                self.acct.bytes_up += len(blob)
-                log.info("window %d: closed with %d payloads", window, len(included))
-                return CloseRecord(window, record.base_digest, record.closed_at, record.included, self.identity.peer_id)
-            closed = self.closes.read_slot(window, slot)
-            if isinstance(closed, CloseRecord):
-                return closed
-            if closed is None:  # pragma: no cover - a store that loses a put_if_absent winner
-                raise StoreError("close record vanished after a lost put_if_absent", key=paths.close_slot_key(window, slot))
-        raise RecordRejected(f"window {window}: all {paths.CLOSE_SLOTS} close slots hold invalid records")
+        return CloseValue(expect.base_digest, round(self.clock(), 3), adm.scores_window, adm.scores_from,
+                          tuple(sorted((good[p].included for p in chosen), key=lambda i: i.peer_id)))
+
+    # ------------------------------------------------------------------ voting
+    def judge(self, st: _Window, value: CloseValue, expect: Expectation, *, deadline: float, expected: set[str],
+              first_seen: float, previous_poll: float) -> str | None:
+        """Why we vote against ``value`` ("" = cannot tell yet: ask again next poll), or None."""
+        if value.base_digest != expect.base_digest:
+            return f"its base digest {value.base_digest.hex()[:12]} is not ours {expect.base_digest.hex()[:12]}"
+        if value.closed_at > first_seen + self.skew:
+            return f"it claims to close {value.closed_at - first_seen:.1f} s in the future"
+        if previous_poll and value.closed_at < previous_poll - self.skew:
+            return f"it claims to have closed {previous_poll - value.closed_at:.1f} s before it appeared"
+        if value.closed_at < deadline - self.skew and not expected <= set(value.peers):
+            missing = sorted(expected - set(value.peers))
+            return f"it closes {deadline - value.closed_at:.1f} s early without the expected peers {missing[:4]}"
+        reason = admission.check(self.manifest, self.store, st.log.window, value)
+        if reason is not None:
+            return reason
+        for inc in value.included:
+            try:
+                self.exchange.verify(inc.peer_id, expect, inc.sha256)
+            except PayloadUnavailable as exc:
+                log.info("window %d: cannot judge the proposal yet: %s", st.log.window, exc)
+                return ""
+            except PayloadRejected as exc:
+                return f"it counts a payload that fails our checks: {exc}"
+        return self._left_out(st, value, expect, deadline)
+
+    def _left_out(self, st: _Window, value: CloseValue, expect: Expectation, deadline: float) -> str | None:
+        """A valid admitted payload, on time by the store's own clock, that the value leaves
+        out although it had room for it (only where the store's clock is trusted)."""
+        if not self.store.trusted_clock:
+            return None
+        adm = admission.choose(self.manifest, self.store, st.log.window)
+        present = self._verify_present(st, st.log.window, expect, adm.allowed, adm.standing)
+        listed = set(value.peers)
+        on_time = {p: st.candidates[p].included for p, o in present.items()
+                   if p not in listed and o.modified <= deadline - self.skew and st.candidates[p].included}
+        if not on_time:
+            return None
+        everyone = {i.peer_id: i for i in value.included} | on_time
+        fits = set(_cap(self.manifest, everyone, present, True))
+        left = sorted(p for p in on_time if p in fits)
+        return f"it leaves out the on-time payloads of {left[:4]}" if left else None
+
+
+def _cap(manifest: Manifest, included: dict[str, Included], present: dict[str, ObjectInfo],
+         trusted_clock: bool) -> list[str]:
+    """Which peers a window counts when there are more than it may: every peer with standing,
+    then newcomers (up to ``max_newcomers`` in a run with validators) in upload order by the
+    store's clock (by peer id where the clock is the writer's), up to ``MAX_INCLUDED``."""
+
+    def order(peer: str) -> tuple:
+        info = present.get(peer)
+        return (info.modified if (trusted_clock and info) else 0.0, peer)
+
+    standing = sorted((p for p, i in included.items() if i.standing), key=order)
+    newcomers = sorted((p for p, i in included.items() if not i.standing), key=order)
+    if manifest.validators.keys:
+        newcomers = newcomers[: manifest.validators.max_newcomers]
+    return (standing + newcomers)[:MAX_INCLUDED]
+

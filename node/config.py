@@ -25,8 +25,6 @@ class NodeConfig:
     """Where the model trains: "cpu", "cuda" or "cuda:N". Default "cpu"."""
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
-    min_peers: int = 1
-    """Window 0 closes early only once this many peers have published (a local network sets N)."""
     max_windows: int = 0
     """Stop after the window with this index has been applied; 0 runs until interrupted."""
     poll_seconds: float = 0.2
@@ -44,8 +42,6 @@ class NodeConfig:
     """Timeouts and retries of this node's network operations."""
 
     def __post_init__(self) -> None:
-        if self.min_peers < 1:
-            raise ManifestError("min_peers must be >= 1")
         if self.comm is not None:
             check_choice("--comm", self.comm, COMM_CHOICES)
         if self.poll_seconds <= 0:

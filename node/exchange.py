@@ -1,34 +1,41 @@
-"""How one window's payloads move between peers through a store: publish, list, gather.
+"""How one window's payloads move between peers through a store: publish, list, fetch, gather.
 
-``publish`` writes our signed payload once (``put_if_absent``: a payload, once listed in a
-close record, never changes), retrying outages until the window's deadline. ``present``
-lists who published. ``gather`` fetches and verifies exactly the payloads a close record
-lists, by SHA-256. A bad or missing payload costs only that payload: each rejection comes
-back as ``(peer, reason)``, never as an exception out of the window.
+``publish`` writes our signed payload once (``put_if_absent``), retrying outages until the
+window's deadline. ``present`` lists who published, ignoring any key that is not a
+well-formed payload or announcement key and any object larger than a valid payload can be.
+``fetch`` gets a payload by peer and, when a decision names it, by SHA-256, from every
+source in turn: the run store, the content-addressed copy the proposer keeps
+(``windows/W/blobs/<sha256>.lsp``), the URL the peer's signed announcement names.
+``gather`` fetches exactly what a decision counts, several at a time, and never skips one:
+a payload no source can give with the decided hash raises ``PayloadUnavailable`` (the
+caller waits and tries again), because a replica that applied the window without it would
+fork the run.
 
-Verified payloads are kept for the window that is being closed, so the peer that closes a
-window (and already fetched everything to list it) does not download anything twice.
+Verified payloads are kept for the open window, so a closer that verified everything to
+propose or to vote never downloads it again to apply it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from node.accounting import Accounting
 from protocol import paths
 from protocol.announce import MAX_ANNOUNCEMENT_BYTES, make_announcement, read_announcement
-from protocol.close import CloseRecord, Included
 from protocol.codec_types import CompressedTensor
-from protocol.errors import RETRYABLE, ObjectNotFound, PayloadRejected, RecordRejected, StoreError
+from protocol.consensus import Included
+from protocol.errors import RETRYABLE, ObjectNotFound, PayloadUnavailable, RecordRejected, StoreError
 from protocol.identity import Identity
+from protocol.manifest import Manifest
 from protocol.retry import RetryPolicy
 from protocol.stores.base import ObjectInfo, Store
-from protocol.stores.s3 import PresignedReader, S3Store
+from protocol.stores.s3 import S3Store
+from protocol.urlfetch import AddressPolicy, UrlReader
 from protocol.wire import Expectation, Payload, decode_payload
 
 log = logging.getLogger(__name__)
@@ -36,24 +43,30 @@ log = logging.getLogger(__name__)
 PRESIGN_SECONDS = 7 * 24 * 3600
 """Lifetime of the presigned URLs a peer announces (S3's maximum): late joiners replay
 windows up to ``run.keep_windows`` old through them."""
+FETCH_WORKERS = 8
+"""Payloads downloaded at once: a slow source costs only its own slot."""
+
+
+def address_policy(manifest: Manifest) -> AddressPolicy:
+    """Where the run lets announced URLs point (``run.announce_hosts``, ``run.announce_private``)."""
+    return AddressPolicy(manifest.run.announce_hosts, manifest.run.announce_private)
 
 
 @dataclass
 class Gathered:
-    """The verified payloads of a window, and why any listed one was refused."""
+    """The verified payloads of a window, by peer id."""
 
     accepted: dict[str, Payload] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
 
     def contributions(self) -> Iterator[tuple[str, Mapping[str, CompressedTensor]]]:
-        """``(peer, tensors)`` of every accepted payload, by peer id: what ``aggregate`` takes."""
+        """``(peer, tensors)`` of every payload, by peer id: what ``aggregate`` takes."""
         for peer in sorted(self.accepted):
             yield peer, self.accepted[peer].tensors
 
 
 class Exchange:
-    """Publishes this node's payloads and gathers everyone's, through ``store``."""
+    """Publishes this node's payloads and fetches everyone's, through ``store``."""
 
     def __init__(
         self,
@@ -64,6 +77,7 @@ class Exchange:
         *,
         policy: RetryPolicy | None = None,
         own_store: S3Store | None = None,
+        addresses: AddressPolicy | None = None,
     ):
         self.store = store
         self.own_store = own_store
@@ -71,7 +85,7 @@ class Exchange:
         self.run_key = run_key
         self.acct = accounting
         self.policy = policy or RetryPolicy()
-        self.reader = PresignedReader(self.policy)
+        self.reader = UrlReader(self.policy, addresses or AddressPolicy())
         self._verified: dict[tuple[int, str], Payload] = {}  # (window, sha256) of the open window
 
     # ------------------------------------------------------------------ publish
@@ -116,76 +130,81 @@ class Exchange:
         return wrote
 
     # ------------------------------------------------------------------ read
-    def present(self, window: int) -> dict[str, ObjectInfo]:
-        """Peers with a payload for ``window``, in the run store or announced, and its listing."""
-        out = {
-            paths.peer_of_payload_key(o.key): o
-            for o in self.store.list(paths.payloads_prefix(window))
-            if o.key.endswith(paths.PAYLOAD_SUFFIX)
-        }
+    def present(self, window: int, max_bytes: int) -> dict[str, ObjectInfo]:
+        """Peers with a payload for ``window`` (in the run store, or announced), and its
+        listing. Keys that are not well-formed, and objects over ``max_bytes``, are ignored:
+        they are never read and never count toward anything."""
+        out: dict[str, ObjectInfo] = {}
+        for o in self.store.list(paths.payloads_prefix(window)):
+            peer = paths.peer_of_payload_key(o.key)
+            if peer is not None and o.key == paths.payload_key(window, peer) and o.size <= max_bytes:
+                out[peer] = o
         for o in self.store.list(paths.announce_prefix(window)):
-            out.setdefault(o.key.rsplit("/", 1)[-1].removesuffix(".lsr"), o)
+            peer = paths.peer_of_announce_key(o.key)
+            if peer is not None and o.key == paths.announce_key(window, peer) and o.size <= MAX_ANNOUNCEMENT_BYTES:
+                out.setdefault(peer, o)
         return out
 
-    def download(self, window: int, peer: str, max_bytes: int) -> bytes:
-        """A peer's payload bytes for ``window``: from the run store, or from the URL its
-        signed announcement names (hash and size checked). Raises StoreError/RecordRejected."""
-        try:
-            return self.store.get(paths.payload_key(window, peer), max_bytes=max_bytes)
-        except ObjectNotFound:
+    def fetch(self, window: int, peer: str, max_bytes: int, sha256: str | None = None) -> bytes:
+        """A payload's bytes, from the first source that has them (with ``sha256``: the first
+        whose bytes hash to it). Raises ``PayloadUnavailable`` naming what each source said."""
+        reasons = []
+        sources = [("run store", lambda: self.store.get(paths.payload_key(window, peer), max_bytes=max_bytes))]
+        if sha256 is not None:
+            sources.append(("content copy", lambda: self.store.get(paths.blob_key(window, sha256), max_bytes=max_bytes)))
+        sources.append(("announcement", lambda: self._announced(window, peer, max_bytes)))
+        for name, get in sources:
             try:
-                record = self.store.get(paths.announce_key(window, peer), max_bytes=MAX_ANNOUNCEMENT_BYTES)
+                data = get()
             except ObjectNotFound:
-                raise ObjectNotFound("no payload and no announcement", key=paths.payload_key(window, peer)) from None
-        ann = read_announcement(record, self.run_key, signer=peer)
-        if ann.window != window:
-            raise RecordRejected(f"announcement of {peer} is for window {ann.window}, not {window}")
-        return self.reader.fetch(ann.url, sha256=ann.sha256, size=ann.size, max_bytes=max_bytes)
-
-    def verify(self, peer: str, expect: Expectation, out: Gathered, want: Included | None = None) -> Included | None:
-        """Fetch and verify ``peer``'s payload of ``expect.window`` into ``out``; what a close
-        record would list for it, or None (the reason is in ``out.rejected``)."""
-        window = expect.window
-        assert window is not None
-        expect = dataclasses.replace(expect, peer_id=peer)
-        if want is not None and (window, want.sha256) in self._verified:
-            payload = self._verified[(window, want.sha256)]
-            out.accepted[peer], out.sha256[peer] = payload, want.sha256
-            return want
-        with self.acct.phase("download"):
-            try:
-                data = self.download(window, peer, expect.max_bytes)
-            except ObjectNotFound:
-                out.rejected.append((peer, "payload listed but not found in the store"))
-                return None
-            except RecordRejected as exc:
-                out.rejected.append((peer, f"announcement refused: {exc}"))
-                return None
-            except StoreError as exc:  # retried by the policy already, or not worth retrying
-                log.warning("window %d: could not fetch the payload of %s: %s", window, peer, exc)
-                out.rejected.append((peer, f"payload could not be downloaded: {exc}"))
-                return None
+                reasons.append(f"{name}: none")
+                continue
+            except (StoreError, RecordRejected) as exc:
+                reasons.append(f"{name}: {exc}")
+                continue
             if peer != self.identity.peer_id:
                 self.acct.bytes_down += len(data)
+            if sha256 is None or hashlib.sha256(data).hexdigest() == sha256:
+                return data
+            reasons.append(f"{name}: bytes hash to {hashlib.sha256(data).hexdigest()[:12]}, not {sha256[:12]}")
+        raise PayloadUnavailable(peer, "; ".join(reasons))
+
+    def _announced(self, window: int, peer: str, max_bytes: int) -> bytes:
+        record = self.store.get(paths.announce_key(window, peer), max_bytes=MAX_ANNOUNCEMENT_BYTES)
+        ann = read_announcement(record, self.run_key, signer=peer)
+        if ann.window != window or ann.key != paths.payload_key(window, peer):
+            raise RecordRejected(f"announcement of {peer} is for window {ann.window} and key {ann.key!r}")
+        return self.reader.fetch(ann.url, sha256=ann.sha256, size=ann.size, max_bytes=max_bytes)
+
+    def verify(self, peer: str, expect: Expectation, sha256: str | None = None) -> tuple[Payload, bytes | None]:
+        """``peer``'s payload of ``expect.window``, fetched and fully checked; also its bytes
+        when they were downloaded now (None when it was verified before). Raises
+        ``PayloadUnavailable`` or ``PayloadRejected``."""
+        window = expect.window
+        assert window is not None
+        if sha256 is not None and (window, sha256) in self._verified:
+            return self._verified[(window, sha256)], None
+        with self.acct.phase("download"):
+            data = self.fetch(window, peer, expect.max_bytes, sha256)
+        payload = decode_payload(data, replace(expect, peer_id=peer))
         digest = hashlib.sha256(data).hexdigest()
-        if want is not None and digest != want.sha256:
-            log.warning("window %d: the payload of %s changed after the close record listed it", window, peer)
-            out.rejected.append((peer, f"payload sha256 {digest[:12]} differs from the close record's {want.sha256[:12]}"))
-            return None
-        try:
-            payload = decode_payload(data, expect)
-        except PayloadRejected as exc:
-            log.warning("window %d: rejected payload of %s: %s", window, peer, exc)
-            out.rejected.append((peer, f"{type(exc).__name__}: {exc.reason}"))
-            return None
         self._verified = {k: v for k, v in self._verified.items() if k[0] == window}
         self._verified[(window, digest)] = payload
-        out.accepted[peer], out.sha256[peer] = payload, digest
-        return Included(peer, digest, len(data))
+        return payload, data
 
-    def gather(self, record: CloseRecord, expect: Expectation) -> Gathered:
-        """Fetch and verify every payload the close record lists (reusing verified ones)."""
+    def gather(self, included: tuple[Included, ...], expect: Expectation) -> Gathered:
+        """Fetch and verify every payload a decision counts, ``FETCH_WORKERS`` at a time.
+
+        Raises ``PayloadUnavailable`` if one cannot be fetched with its decided hash (the
+        caller waits and tries again), and ``PayloadRejected`` if one that the closers
+        accepted fails our checks (our replica disagrees with theirs).
+        """
         out = Gathered()
-        for inc in record.included:
-            self.verify(inc.peer_id, expect, out, want=inc)
+
+        def one(inc: Included) -> Payload:
+            return self.verify(inc.peer_id, expect, inc.sha256)[0]
+
+        with ThreadPoolExecutor(max_workers=max(1, min(FETCH_WORKERS, len(included)))) as pool:
+            for inc, payload in zip(included, pool.map(one, included)):
+                out.accepted[inc.peer_id], out.sha256[inc.peer_id] = payload, inc.sha256
         return out

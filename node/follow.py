@@ -4,38 +4,58 @@
 Every role needs the same facts and must read them the same way, or replicas drift:
 
 - the run's manifest (``read_manifest``; ``check_run_manifest`` refuses a different one);
-- the record that closed each window: the first valid close slot (``CloseReader``);
-- the newest published checkpoint, verified (``node.checkpoint``);
-- the global weights after replaying closed windows (``Follower``): start from local state
-  or a checkpoint, then for each closed window gather exactly the payloads its record lists,
-  aggregate and take the outer step. When a window's objects were collected while we were
-  away, jump to the newest checkpoint instead of waiting on a window nobody will close.
+- each window's decision (``DecisionReader``): a decision record, or a quorum of precommits
+  among its consensus records, signed by the keys the manifest trusts and nobody else;
+- the schedule (``Follower.deadline`` and ``Follower.expected``): window 0 closes at most
+  ``run.window_seconds`` after ``run.genesis``, every later window at most that long after
+  the agreed close time of the window before, and early once every peer counted in the
+  last ``EXPECTED_WINDOWS`` windows published; no writer's own clock is trusted for it;
+- checkpoints, adopted only when a decision certifies their digest
+  (``Follower.verified_checkpoint``): a forged or corrupt one is skipped with a reason;
+- the global weights after replaying decided windows (``Follower``): gather exactly the
+  payloads a decision counts, by hash, aggregate and step. When a window's objects were
+  collected while we were away, restart from the newest verified checkpoint.
 
-``Follower.next_closed`` is a pull API (no callbacks): the caller decides what to do with
-each closed window before ``advance`` applies it (a validator scores it first).
+``Follower.next_decided`` is a pull API (no callbacks): the caller decides what to do with
+each decided window before ``advance`` applies it (a validator scores it first).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 
 from node.accounting import Accounting
-from node.checkpoint import fetch_checkpoint, latest_checkpoint
-from node.exchange import Exchange, Gathered
+from node.checkpoint import checkpoint_windows, fetch_checkpoint
+from node.exchange import Exchange, Gathered, address_policy
 from node.replica import Replica
 from protocol import paths
 from protocol.aggregate import aggregate
-from protocol.close import CloseRecord, read_close_record
 from protocol.codec_types import TensorLayout
-from protocol.errors import RETRYABLE, ManifestError, ObjectNotFound, RecordRejected, ReplicaDiverged, StoreError
+from protocol.consensus import (
+    MAX_DECISION_BYTES,
+    MAX_PROPOSAL_BYTES,
+    MAX_VOTE_BYTES,
+    PROPOSAL,
+    Decision,
+    Seen,
+    read_decision,
+    read_proposal,
+    read_vote,
+)
+from protocol.errors import CheckpointError, ManifestError, ObjectNotFound, ObjectTooLarge, RecordRejected, ReplicaDiverged
+from protocol.identity import Identity, peer_id_of
 from protocol.manifest import Manifest
-from protocol.stores.base import Store
+from protocol.stores.base import ObjectInfo, Store
 from protocol.wire import Expectation
 
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_CLOSE_BYTES = 1 << 20
+EXPECTED_WINDOWS = 2
+"""A window closes early once every peer counted in the last this many windows published."""
+_CAPS = {PROPOSAL: MAX_PROPOSAL_BYTES, "prevote": MAX_VOTE_BYTES, "precommit": MAX_VOTE_BYTES}
 
 
 def find_manifest(store: Store) -> Manifest | None:
@@ -66,60 +86,106 @@ def check_run_manifest(store: Store, manifest: Manifest) -> Manifest:
     return theirs
 
 
-class CloseReader:
-    """Reads close records: a window's record is its first close slot holding a valid one.
+class Once:
+    """Logs each (key, reason) once: hostile objects must not flood the log."""
 
-    Anyone who can write to the store can put garbage into a slot before the honest closer,
-    so a window has ``paths.CLOSE_SLOTS`` slots; every reader reads them in the same order,
-    so all agree on one record. Invalid slots are logged once each.
+    def __init__(self) -> None:
+        self._said: set[tuple[str, str]] = set()
+
+    def warn(self, key: str, reason: str) -> None:
+        if (key, reason) not in self._said:
+            self._said.add((key, reason))
+            log.warning("ignoring %r: %s", key, reason)
+
+
+class ConsensusLog:
+    """The consensus records of one window, read incrementally from the store.
+
+    Only keys of the form the protocol writes, signed by the closer the key names and under
+    the size cap of their kind, are read; everything else is never fetched.
     """
 
-    def __init__(self, store: Store, run_key: str, accounting: Accounting | None = None):
+    def __init__(self, store: Store, manifest: Manifest, window: int, accounting: Accounting, once: Once):
         self.store = store
-        self.run_key = run_key
-        self.acct = accounting or Accounting()
-        self._reported: set[str] = set()
+        self.manifest = manifest
+        self.window = window
+        self.acct = accounting
+        self.once = once
+        self.closers = manifest.closers
+        self.ids = {peer_id_of(bytes.fromhex(k)): k for k in self.closers}
+        self.seen = Seen(window, self.closers)
+        self.first_seen: dict[bytes, float] = {}
+        """Value id -> our clock when its proposal first appeared."""
+        self.previous_poll = 0.0
+        """Our clock at the poll before the latest one (a proposal first seen now was not
+        there then)."""
+        self._read: dict[str, tuple[int, float]] = {}
 
-    def first_valid(self, window: int) -> CloseRecord | None:
-        """The window's record; None while nobody closed it. Raises the store's retryable
-        errors, and ``RecordRejected`` when every slot holds an invalid record."""
-        for slot in range(paths.CLOSE_SLOTS):
-            record = self.read_slot(window, slot)
-            if record is None:
-                return None
-            if isinstance(record, CloseRecord):
-                return record
-        raise RecordRejected(f"window {window}: all {paths.CLOSE_SLOTS} close slots hold invalid records")
+    def refresh(self, now: float) -> Seen:
+        for info in self.store.list(paths.consensus_prefix(self.window)):
+            parsed = paths.parse_consensus_key(info.key)
+            if parsed is None or parsed[2] not in self.ids or info.size > _CAPS[parsed[1]]:
+                continue
+            if self._read.get(info.key) == (info.size, info.modified):
+                continue
+            self._read[info.key] = (info.size, info.modified)
+            self._read_one(info, *parsed, now=now)
+        self.previous_poll = now
+        return self.seen
 
-    def read(self, window: int) -> CloseRecord | None:
-        """``first_valid``, or None (logged) while the store cannot be reached."""
+    def _read_one(self, info: ObjectInfo, round_: int, kind: str, signer_id: str, *, now: float) -> None:
         try:
-            return self.first_valid(window)
-        except RETRYABLE as exc:
-            log.warning("window %d: store unreachable while reading the close record: %s", window, exc)
-            return None
-
-    def read_slot(self, window: int, slot: int) -> CloseRecord | RecordRejected | None:
-        """One slot: its valid record, the reason it is invalid, or None when it is empty."""
-        key = paths.close_slot_key(window, slot)
+            data = self.store.get(info.key, max_bytes=_CAPS[kind])
+        except (ObjectNotFound, ObjectTooLarge):
+            return
+        self.acct.bytes_down += len(data)
         try:
-            data = self.store.get(key, max_bytes=MAX_CLOSE_BYTES)
-        except ObjectNotFound:
-            return None
-        except RETRYABLE:
-            raise
-        except StoreError as exc:  # over the size cap, refused, corrupt: as invalid as a bad signature
-            rejected = RecordRejected(f"close record {key} cannot be read: {exc}")
+            if kind == PROPOSAL:
+                record = read_proposal(data, run=self.manifest.run_key, window=self.window, closers=self.closers)
+            else:
+                record = read_vote(data, run=self.manifest.run_key, kind=kind, window=self.window, closers=self.closers)
+            if record.signer != self.ids[signer_id] or record.round != round_:
+                raise RecordRejected("the record does not belong under this key")
+        except RecordRejected as exc:
+            self.once.warn(info.key, str(exc))
+            return
+        if kind == PROPOSAL:
+            if self.seen.add_proposal(record):
+                self.first_seen.setdefault(record.value_id, now)
         else:
-            self.acct.bytes_down += len(data)
+            self.seen.add_vote(record)
+
+
+class DecisionReader:
+    """Finds the decision of a window, for any node."""
+
+    def __init__(self, store: Store, manifest: Manifest, accounting: Accounting):
+        self.store = store
+        self.manifest = manifest
+        self.acct = accounting
+        self.ids = {peer_id_of(bytes.fromhex(k)) for k in manifest.closers}
+        self.once = Once()
+        self._logs: dict[int, ConsensusLog] = {}
+
+    def read(self, window: int) -> Decision | None:
+        """The window's decision, or None while it is undecided (or unreadable)."""
+        for info in self.store.list(paths.decisions_prefix(window)):
+            signer = info.key.rsplit("/", 1)[-1].removesuffix(paths.RECORD_SUFFIX)
+            if info.key != paths.decision_key(window, signer) or signer not in self.ids or info.size > MAX_DECISION_BYTES:
+                continue
             try:
-                return read_close_record(data, run=self.run_key, window=window)
+                data = self.store.get(info.key, max_bytes=MAX_DECISION_BYTES)
+                self.acct.bytes_down += len(data)
+                return read_decision(data, run=self.manifest.run_key, window=window, closers=self.manifest.closers,
+                                     quorum=self.manifest.quorum)
+            except (ObjectNotFound, ObjectTooLarge):
+                continue
             except RecordRejected as exc:
-                rejected = exc
-        if key not in self._reported:
-            self._reported.add(key)
-            log.error("window %d: ignoring the invalid close record %s: %s", window, key, rejected)
-        return rejected
+                self.once.warn(info.key, str(exc))
+        # No readable decision record (not written yet, or overwritten): count precommits.
+        clog = self._logs.setdefault(window, ConsensusLog(self.store, self.manifest, window, self.acct, self.once))
+        self._logs = {w: v for w, v in self._logs.items() if w >= window - 1}
+        return clog.refresh(time.time()).decided(self.manifest.quorum, None)
 
 
 class Follower:
@@ -132,60 +198,129 @@ class Follower:
         self.exchange = exchange
         self.replica = replica
         self.layouts = layouts
-        self.closes = CloseReader(store, manifest.run_key, exchange.acct)
+        self.decisions = DecisionReader(store, manifest, exchange.acct)
+        self.recent: deque[Decision] = deque(maxlen=EXPECTED_WINDOWS)
+        """The last decisions applied, newest last (the schedule follows from them)."""
         self.jumps = 0
         """How often the follower restarted from a newer checkpoint."""
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: lay.shape for n, lay in self.layouts.items()}
+
     def expectation(self, window: int) -> Expectation:
         """What a payload of ``window`` must be to count (any peer; ``gather`` names each)."""
-        return Expectation(
-            run=self.manifest.run_key, window=window, layouts=self.layouts, codec=self.manifest.codec,
-            max_bytes=self.manifest.outer.max_payload_bytes, base_digest=self.replica.digest,
-        )
+        return Expectation.of_run(self.manifest.run_key, window, self.layouts, self.manifest.codec,
+                                  cap=self.manifest.outer.max_payload_bytes, base_digest=self.replica.digest)
 
-    def next_closed(self) -> CloseRecord | None:
-        """The close record of the window we are at; None once we are at the open window.
+    # ------------------------------------------------------------------ the schedule
+    def _previous(self, window: int, back: int) -> Decision | None:
+        want = window - back
+        for d in self.recent:
+            if d.window == want:
+                return d
+        return self.decisions.read(want) if want >= 0 else None
 
-        When the window is not closed but a checkpoint newer than us exists, its objects may
-        have been collected: restart from that checkpoint and look again.
+    def deadline(self, window: int) -> float:
+        """When ``window`` closes at the latest: ``window_seconds`` after the agreed close of
+        the window before (after genesis for window 0, or from now when that is unknown)."""
+        run = self.manifest.run
+        if window == 0:
+            return run.genesis + run.window_seconds
+        previous = self._previous(window, 1)
+        return (previous.closed_at if previous else time.time()) + run.window_seconds
+
+    def expected(self, window: int) -> set[str]:
+        """Peers whose payloads let ``window`` close before its deadline: those counted in the
+        last ``EXPECTED_WINDOWS`` windows; for the first window of a run, its listed peers."""
+        peers: set[str] = set()
+        for back in range(1, EXPECTED_WINDOWS + 1):
+            decision = self._previous(window, back)
+            if decision is not None:
+                peers |= set(decision.peers)
+        if window == 0:
+            peers |= {peer_id_of(bytes.fromhex(k)) for k in self.manifest.run.peers}
+        return peers
+
+    # ------------------------------------------------------------------ following
+    def next_decided(self) -> Decision | None:
+        """The decision of the window we are at; None while it is open.
+
+        When it is not decided but a verified checkpoint newer than us exists, the window's
+        objects may have been collected: restart from that checkpoint and look again.
         """
         while True:
-            close = self.closes.read(self.replica.window)
-            if close is not None or not self.jump_to_checkpoint():
-                return close
+            decision = self.decisions.read(self.replica.window)
+            if decision is not None or not self.jump_to_checkpoint():
+                return decision
 
     def jump_to_checkpoint(self) -> bool:
-        """Move to the newest published checkpoint if it is ahead of us; True if we moved."""
-        window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
-        if window is None or window <= self.replica.window:
+        """Move to the newest verified checkpoint if it is ahead of us; True if we moved."""
+        found = self.verified_checkpoint(newer_than=self.replica.window)
+        if found is None:
             return False
         log.warning("window %d is gone from the store; jumping to the checkpoint of window %d",
-                    self.replica.window, window)
-        self.replica = checkpoint_replica(self.store, window, {n: lay.shape for n, lay in self.layouts.items()})
+                    self.replica.window, found.window)
+        self.replica = found
+        self.recent.clear()
         self.jumps += 1
         return True
 
-    def gather(self, close: CloseRecord) -> Gathered:
-        return self.exchange.gather(close, self.expectation(close.window))
+    def verified_checkpoint(self, newer_than: int = -1) -> Replica | None:
+        """The newest checkpoint (after ``newer_than``) with the digest the run's decision of
+        that window certifies; missing, bad or uncertified ones are skipped (logged)."""
+        for window in checkpoint_windows(self.store, self.manifest.run.checkpoint_every):
+            if window <= newer_than:
+                return None
+            decision = self.decisions.read(window)
+            if decision is None:
+                log.info("checkpoint of window %d: no decision certifies it yet", window)
+                continue
+            try:
+                weights = fetch_checkpoint(self.store, window, decision.base_digest, self.shapes)
+            except CheckpointError as exc:
+                log.warning("skipping the checkpoint of window %d: %s", window, exc)
+                continue
+            return Replica(weights, window)
+        return None
 
-    def advance(self, close: CloseRecord, gathered: Gathered) -> None:
-        """Aggregate the close record's payloads and take the outer step."""
-        check_base(self.replica, close)
+    def gather(self, decision: Decision) -> Gathered:
+        return self.exchange.gather(decision.included, self.expectation(decision.window))
+
+    def advance(self, decision: Decision, gathered: Gathered) -> None:
+        """Aggregate the decision's payloads and take the outer step."""
+        check_base(self.replica, decision)
         outer = self.manifest.outer
-        update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip)
+        update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip,
+                           reference=decision.value.standing)
         self.replica.apply(update, outer.lr)
+        self.applied(decision)
+
+    def applied(self, decision: Decision) -> None:
+        """Note that ``decision`` was applied to ``replica`` (the schedule follows from it)."""
+        self.recent.append(decision)
 
 
-def check_base(replica: Replica, close: CloseRecord) -> None:
-    """Refuse to apply a window the network closed on other base weights than ours."""
-    if close.base_digest != replica.digest:
+def check_base(replica: Replica, decision: Decision) -> None:
+    """Refuse to apply a window the network decided on other base weights than ours."""
+    if decision.base_digest != replica.digest:
         raise ReplicaDiverged(
-            f"window {close.window}: the network's base digest {close.base_digest.hex()[:12]} differs from "
+            f"window {decision.window}: the network's base digest {decision.base_digest.hex()[:12]} differs from "
             f"ours {replica.digest.hex()[:12]}; this replica is out of sync (remove its state to resync)"
         )
 
 
-def checkpoint_replica(store: Store, window: int, shapes: dict[str, tuple[int, ...]]) -> Replica:
-    """The global weights of a published checkpoint, verified (hash, layout, digest)."""
-    weights, _ = fetch_checkpoint(store, window, shapes)
-    return Replica(weights, window)
+
+def replay_to_newest(manifest: Manifest, store: Store, genesis: Replica, layouts: dict[str, TensorLayout], *,
+                     checkpoint_only: bool = False) -> tuple[Replica, int]:
+    """The run's newest global weights, as a late joiner gets them: the newest verified
+    checkpoint (or ``genesis``), then every decided window after it, replayed; with
+    ``checkpoint_only`` nothing is replayed. Returns the weights and the windows replayed."""
+    follower = Follower(manifest, store, Exchange(store, Identity.generate(), manifest.run_key, Accounting(),
+                                                  addresses=address_policy(manifest)), genesis, layouts)
+    follower.jump_to_checkpoint()
+    replayed = 0
+    while not checkpoint_only and (decision := follower.next_decided()) is not None:
+        follower.advance(decision, follower.gather(decision))
+        replayed += 1
+    return follower.replica, replayed

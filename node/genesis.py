@@ -1,14 +1,12 @@
-"""``locoswarm init``: create a run in a store (manifest, tokenizer, data, genesis weights)."""
+"""``locoswarm init``: create a run in a store (manifest, tokenizer, data)."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from node.checkpoint import publish_checkpoint
 from node.dataset import TokenData, prepare
 from node.follow import find_manifest
-from node.model import build_model
 from protocol import paths
 from protocol.errors import ManifestError
 from protocol.manifest import Manifest
@@ -18,12 +16,15 @@ log = logging.getLogger(__name__)
 
 
 def init_run(manifest: Manifest, store: Store) -> Manifest:
-    """Write the run's data, window-0 checkpoint and manifest; returns the final manifest.
+    """Write the run's data and manifest; returns the final manifest.
 
     ``init`` fills in what only it can know: the genesis time (when 0) and the data index
-    hash. Re-running it on a store that already holds the same run returns that run's
-    manifest; a store holding a different run is refused before anything is written.
+    hash. The genesis weights are not uploaded: they are a pure function of the manifest,
+    and every peer computes them. Re-running it on a store that already holds the same run
+    returns that run's manifest; a store holding a different run, or a manifest that trusts
+    nobody to close windows, is refused before anything is written.
     """
+    manifest.check_authority()
     existing = find_manifest(store)
     if existing is not None:
         same = manifest.replace(run__genesis=existing.run.genesis, data__index_sha256=existing.data.index_sha256)
@@ -36,7 +37,5 @@ def init_run(manifest: Manifest, store: Store) -> Manifest:
     manifest = manifest.replace(data__index_sha256=prepare(manifest, store).digest)
     data = TokenData.load(manifest, store)
     log.info("data ready in %.1fs: %d train / %d held-out sequences", time.perf_counter() - t0, data.n_train, data.n_heldout)
-    model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
-    publish_checkpoint(store, 0, {n: p.detach() for n, p in model.named_parameters()})
     store.put_if_absent(paths.MANIFEST, manifest.to_toml().encode())  # last: a run exists once complete
     return manifest

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +20,13 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from node.accounting import Accounting
-from node.checkpoint import latest_checkpoint, publish_checkpoint
-from node.closing import Closer, validators_allow
+from node.checkpoint import publish_checkpoint
+from node.closing import Closing
 from node.config import NodeConfig
 from node.dataset import TokenData
 from node.ddp import wrap_ddp
-from node.exchange import Exchange, Gathered
-from node.follow import CloseReader, Follower, check_base, check_run_manifest, checkpoint_replica
+from node.exchange import Exchange, Gathered, address_policy
+from node.follow import Follower, check_base, check_run_manifest
 from node.inner import InnerLoop, InnerResult
 from node.metrics import SwarmMetrics, start_metrics_server
 from node.model import build_model, heldout_loss, param_shapes
@@ -36,10 +35,10 @@ from node.replica import Replica
 from node.state import LocalState, load_local_state, save_local_state
 from protocol.aggregate import aggregate
 from protocol.assignment import assigned_batches
-from protocol.close import CloseRecord
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import CompressedTensor, model_layout
-from protocol.errors import RETRYABLE, CheckpointError, StoreError
+from protocol.consensus import Decision, proposer
+from protocol.errors import RETRYABLE, PayloadUnavailable, StoreError
 from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.retention import gc_windows, retention_floor
@@ -49,8 +48,6 @@ from protocol.wire import Expectation, encode_payload
 
 log = logging.getLogger(__name__)
 
-EXPECTED_WINDOWS = 2
-"""A window closes early once every peer of the last this many windows has published."""
 
 
 @dataclass
@@ -59,7 +56,6 @@ class WindowReport:
     train_loss: float | None
     heldout_loss: float | None
     included: list[str]
-    rejected: list[tuple[str, str]]
     payload_bytes: int
     digest: str
 
@@ -91,22 +87,18 @@ class Peer:
         self.inner = InnerLoop(self.model, manifest.inner, ddp_model=ddp)
         self.ef = ErrorFeedback(self.layouts, manifest.codec, node.device)
         self.exchange = Exchange(store, self.identity, manifest.run_key, self.acct, policy=node.policy,
-                                 own_store=own_store)
+                                 own_store=own_store, addresses=address_policy(manifest))
         self.history = History(node.workdir / "history.jsonl")
         self.last: dict = {}
         """The newest history entry (the live display and ``up`` show it)."""
         self.origin: dict = {}
-        """Where this replica's weights came from: local state or a checkpoint (progress file)."""
+        """Where this replica's weights came from: local state, a checkpoint, or genesis."""
         self.follower = Follower(manifest, store, self.exchange, self._restore(), self.layouts)
-        self.closer = Closer(store, self.identity, manifest.run_key, self.exchange, self.follower.closes, self.acct)
+        self.closing = (Closing(store, manifest, self.identity, self.exchange, self.acct)
+                        if self.identity.public_key.hex() in manifest.closers and self.leader else None)
+        """Set when our key is one of the run's closers: we take part in deciding windows."""
         self.metrics = SwarmMetrics(CollectorRegistry())
-        self.last_close: CloseRecord | None = None
-        self.recent_closes: deque[CloseRecord] = deque(maxlen=EXPECTED_WINDOWS)
         self.replayed = 0
-
-    @property
-    def closes(self) -> CloseReader:
-        return self.follower.closes
 
     @property
     def replica(self) -> Replica:
@@ -115,7 +107,9 @@ class Peer:
 
     # ------------------------------------------------------------------ start
     def _restore(self) -> Replica:
-        """Resume from local state, else start from the latest published checkpoint."""
+        """Resume from local state, else start from genesis (recomputed here: the genesis
+        weights are a pure function of the manifest); ``run`` then jumps to the newest
+        checkpoint the run's decisions certify, if there is one."""
         state = load_local_state(self.node.state_file) if self.leader else None
         if state is not None:
             replica = Replica(state.weights, state.window)
@@ -126,25 +120,27 @@ class Peer:
             self.last = kept[-1] if kept else {}
             self.origin = {"from": "state", "window": replica.window}
             log.info("resumed at window %d from %s", replica.window, self.node.state_file)
-        elif self.leader:
-            window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
-            if window is None:
-                raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
-            replica = checkpoint_replica(self.store, window, self.shapes)
-            self.origin = {"from": "checkpoint", "window": replica.window}
-            log.info("starting from the published checkpoint of window %d", replica.window)
         else:
             replica = Replica(dict(self.model.named_parameters()), 0)
+            self.origin = {"from": "genesis", "window": 0}
         if self.world > 1:
             replica.broadcast()
         replica.load_into(self.model)
         return replica
 
+    def start_from_checkpoint(self) -> None:
+        """A fresh peer starts from the newest verified checkpoint instead of replaying from
+        genesis (it would have to replay collected windows)."""
+        if self.origin.get("from") == "genesis" and self.follower.jump_to_checkpoint():
+            self.replica.load_into(self.model)
+            self.origin = {"from": "checkpoint", "window": self.replica.window}
+            log.info("starting from the verified checkpoint of window %d", self.replica.window)
+
     # ------------------------------------------------------------------ the window
     def run_window(self) -> WindowReport:
-        """Train, publish, close, gather, aggregate and step one window."""
+        """Train, publish, decide, gather, aggregate and step one window."""
         w = self.replica.window
-        deadline = self.deadline()
+        deadline = self.follower.deadline(w)
         result = self.train(w)                                                             # inner loop
         if not self.leader:
             return self.receive_window(w, result)
@@ -154,20 +150,22 @@ class Peer:
             blob = self.sign_payload(w, sent, result.tokens)
         self.progress("publish", w, train_loss=result.mean_loss)
         published = self.exchange.publish(w, blob, deadline)                               # publish
-        close = self.wait_for_close(w, expect, deadline)                                   # close
-        gathered = self.exchange.gather(close, expect)                                     # gather
+        decision = self.wait_for_decision(w, expect, deadline)                             # close
+        gathered = self.wait_for_payloads(decision)                                        # gather
         if not published or self.peer_id not in gathered.accepted:
             self.ef.restore(sent)  # the network did not take it: keep it for a later window
         self.progress("aggregate", w, train_loss=result.mean_loss)
         with self.acct.phase("aggregate"):
-            check_base(self.replica, close)
+            check_base(self.replica, decision)
             outer = self.manifest.outer
-            update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip)  # aggregate
+            update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip,
+                               reference=decision.value.standing)                          # aggregate
             self.replica.apply(update, outer.lr)                                          # outer step
+            self.follower.applied(decision)
             self.replica.load_into(self.model)
-        report = self.record(close, gathered, train_loss=result.mean_loss, payload_bytes=len(blob))  # digest
+        report = self.record(decision, gathered, train_loss=result.mean_loss, payload_bytes=len(blob))  # digest
         self.save()                                                                        # resumable state
-        self.housekeeping(close)                                                           # checkpoint, gc
+        self.housekeeping(decision)                                                        # checkpoint, gc
         if self.world > 1:
             self.replica.broadcast()
         return report
@@ -183,24 +181,36 @@ class Peer:
         self.acct.tokens += result.tokens
         return result
 
-    def wait_for_close(self, window: int, expect: Expectation, deadline: float) -> CloseRecord:
-        """Poll until the window is closed: read another participant's record, or, once the
-        window may close, learn whose payloads the validators allow and write our own."""
+    def wait_for_decision(self, window: int, expect: Expectation, deadline: float) -> Decision:
+        """Poll until the window is decided: as one of the run's closers by taking part in
+        its rounds, otherwise by reading the decision the closers wrote."""
         with self.acct.phase("wait"):
             while True:
                 self.progress("wait", window)
                 try:
-                    if (close := self.closes.first_valid(window)) is not None:
-                        return close
-                    if (present := self.closer.ready(window, deadline=deadline, **self.expected_peers())) is not None:
-                        give_up = min(deadline, time.time() + self.manifest.run.window_seconds / 4)
-                        allowed = validators_allow(self.store, self.manifest, window, give_up=give_up,
-                                                   poll_seconds=self.node.poll_seconds)
-                        return self.closer.write(window, expect, present, allowed)
-                except RETRYABLE as exc:  # nobody can close a window while the store is down
+                    if self.closing is not None:
+                        decision = self.closing.poll(window, expect, deadline=deadline,
+                                                     expected=self.follower.expected(window))
+                    else:
+                        decision = self.follower.decisions.read(window)
+                    if decision is not None:
+                        return decision
+                except RETRYABLE as exc:  # nobody can decide a window while the store is down
                     log.warning("window %d: store unavailable while waiting: %s", window, exc)
                     self.acct.store_errors += 1
                 time.sleep(self.node.poll_seconds)
+
+    def wait_for_payloads(self, decision: Decision) -> Gathered:
+        """Every payload the decision counts, verified by hash. One that no source can give
+        right now is waited for, never skipped: applying the window without it would fork."""
+        while True:
+            try:
+                return self.follower.gather(decision)
+            except PayloadUnavailable as exc:
+                log.warning("window %d: waiting for a counted payload: %s", decision.window, exc)
+                self.acct.store_errors += 1
+                self.progress("gather", decision.window, waiting_for=exc.peer)
+                time.sleep(max(1.0, self.node.poll_seconds * 5))
 
     def sign_payload(self, window: int, sent: dict[str, CompressedTensor], tokens: int) -> bytes:
         return encode_payload(run=self.manifest.run_key, window=window, base_digest=self.replica.digest, tokens=tokens,
@@ -210,59 +220,37 @@ class Peer:
         """A non-leader rank: take the window's new global weights from rank 0."""
         self.replica.broadcast()
         self.replica.load_into(self.model)
-        return WindowReport(window, result.mean_loss, None, [], [], 0, "")
-
-    def deadline(self) -> float:
-        """When the open window closes at the latest: ``window_seconds`` after the previous one."""
-        previous = self.last_close
-        base = previous.closed_at if previous and previous.window == self.replica.window - 1 else time.time()
-        return base + self.manifest.run.window_seconds
-
-    def expected_peers(self) -> dict:
-        """Who must publish before the window may close early: the peers of the last
-        ``EXPECTED_WINDOWS`` windows. Remembering more than one window lets a network re-merge
-        after an outage that made one window close with fewer peers (or none)."""
-        recent = [c for c in self.recent_closes if c.window >= self.replica.window - EXPECTED_WINDOWS]
-        if recent and recent[-1].window == self.replica.window - 1:
-            return {"expected": {p for c in recent for p in c.peers} | {self.peer_id}, "min_peers": 1}
-        return {"expected": {self.peer_id}, "min_peers": self.node.min_peers}
+        return WindowReport(window, result.mean_loss, None, [], 0, "")
 
     def heldout_loss(self) -> float:
         return heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
 
     # ------------------------------------------------------------------ after a window
-    def record(self, close: CloseRecord, gathered: Gathered, *, train_loss: float | None,
+    def record(self, decision: Decision, gathered: Gathered, *, train_loss: float | None,
                payload_bytes: int) -> WindowReport:
         """History, metrics and progress for an applied window (evaluated every ``eval_every``)."""
-        w = close.window
-        for peer, reason in gathered.rejected:
-            log.warning("window %d: payload of %s not aggregated: %s", w, peer, reason)
-        self.last_close = close
-        self.recent_closes.append(close)
+        w = decision.window
         heldout = self.heldout_loss() if self.node.eval_every and self.replica.window % self.node.eval_every == 0 else None
         entry = {
             "window": w, "train_loss": train_loss, "heldout_loss": heldout, "included": len(gathered.accepted),
-            "rejected": len(gathered.rejected), "payload_bytes": payload_bytes, "bytes_up": self.acct.bytes_up,
-            "bytes_down": self.acct.bytes_down, "digest": self.replica.digest.hex(), "time": time.time(),
+            "payload_bytes": payload_bytes, "bytes_up": self.acct.bytes_up, "bytes_down": self.acct.bytes_down,
+            "digest": self.replica.digest.hex(), "time": time.time(),
         }
         self.history.append(entry)
         self.last = entry
-        self._export_metrics(entry, close, gathered)
+        self._export_metrics(entry, decision)
         self.progress("done", w, train_loss=train_loss)
-        return WindowReport(w, train_loss, heldout, sorted(gathered.accepted), gathered.rejected, payload_bytes,
-                            self.replica.digest.hex())
+        return WindowReport(w, train_loss, heldout, sorted(gathered.accepted), payload_bytes, self.replica.digest.hex())
 
-    def _export_metrics(self, entry: dict, close: CloseRecord, gathered: Gathered) -> None:
+    def _export_metrics(self, entry: dict, decision: Decision) -> None:
         m = self.metrics
         m.window.set(entry["window"])
         if entry["heldout_loss"] is not None:
             m.heldout_loss.set(entry["heldout_loss"])
         m.peers_included.set(entry["included"])
-        m.window_bytes.set(sum(i.size for i in close.included))
-        for inc in close.included:
+        m.window_bytes.set(sum(i.size for i in decision.included))
+        for inc in decision.included:
             m.payload_bytes.labels(peer=inc.peer_id).set(inc.size)
-        for _, reason in gathered.rejected:
-            m.rejections.labels(reason=reason.split(":")[0][:40]).inc()
         m.bytes_sent.set(self.acct.bytes_up)
         m.bytes_received.set(self.acct.bytes_down)
 
@@ -273,39 +261,37 @@ class Peer:
                            self.ef.state_dict(), meta)
         save_local_state(self.node.state_file, state)
 
-    def housekeeping(self, close: CloseRecord) -> None:
-        """Publish the checkpoint when one is due; the window's closer collects old windows."""
+    def housekeeping(self, decision: Decision) -> None:
+        """The proposer of the decided round publishes the checkpoint when one is due and
+        collects windows no joiner needs any more: one replica, not all of them."""
+        if proposer(decision.window, decision.round, self.manifest.closers) != self.identity.public_key.hex():
+            return
+        every = self.manifest.run.checkpoint_every
         try:
-            if (
-                self.node.publish_checkpoints
-                and self.replica.window % self.manifest.run.checkpoint_every == 0
-                and publish_checkpoint(self.store, self.replica.window, self.replica.params)
-            ):
+            if self.node.publish_checkpoints and self.replica.window % every == 0:
+                publish_checkpoint(self.store, self.replica.window, self.replica.params)
                 log.info("published the checkpoint of window %d", self.replica.window)
-            if close.closer == self.peer_id:
-                newest = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
-                if newest is not None:
-                    gc_windows(self.store, retention_floor(self.replica.window, newest, self.manifest.run.keep_windows))
-        except StoreError as exc:  # any replica can publish it; the next closer collects
-            log.warning("window %d: checkpoint or garbage collection skipped: %s", close.window, exc)
+            newest = self.replica.window - self.replica.window % every
+            gc_windows(self.store, retention_floor(self.replica.window, newest, self.manifest.run.keep_windows))
+        except StoreError as exc:  # the next proposer publishes and collects
+            log.warning("window %d: checkpoint or garbage collection skipped: %s", decision.window, exc)
 
     # ------------------------------------------------------------------ catching up, running
     def catch_up(self) -> int:
-        """Apply every window that others already closed; returns how many were replayed."""
+        """Apply every window that is already decided; returns how many were replayed."""
         n, jumps = 0, self.follower.jumps
-        while (close := self.follower.next_closed()) is not None:
-            self.progress("catch-up", close.window)
-            gathered = self.follower.gather(close)
-            self.follower.advance(close, gathered)
-            self.replica.load_into(self.model)
-            self.record(close, gathered, train_loss=None, payload_bytes=0)
-            self.save()
-            self.housekeeping(close)
+        while (decision := self.follower.next_decided()) is not None:
+            self.progress("catch-up", decision.window)
+            self.follower.advance(decision, self.wait_for_payloads(decision))
             n += 1
-        if self.follower.jumps != jumps:  # restarted from a newer checkpoint
+        if n or self.follower.jumps != jumps:
             self.replica.load_into(self.model)
-            if self.last_close is not None and self.last_close.window != self.replica.window - 1:
-                self.last_close = None
+            if n:
+                self.last = {"window": self.replica.window - 1, "heldout_loss": self.heldout_loss(),
+                             "bytes_up": self.acct.bytes_up, "bytes_down": self.acct.bytes_down,
+                             "digest": self.replica.digest.hex(), "time": time.time(), "replayed": n}
+                self.history.append(self.last)
+                self.save()
         self.replayed += n
         return n
 
@@ -323,6 +309,7 @@ class Peer:
 
     def _run(self) -> None:
         if self.leader:
+            self.start_from_checkpoint()
             if not self.last:  # the model we start from: the first point of every loss curve
                 self.last = {"window": self.replica.window - 1, "heldout_loss": self.heldout_loss(), "bytes_up": 0,
                              "bytes_down": 0, "digest": self.replica.digest.hex(), "time": time.time()}
@@ -333,7 +320,6 @@ class Peer:
         if self.world > 1:
             self.replica.broadcast()
             self.replica.load_into(self.model)
-        self.wait_for_genesis()
         while not self.node.max_windows or self.replica.window < self.node.max_windows:
             if self.world == 1:
                 self.catch_up()  # fell behind (slow or suspended): skip straight to the open window
@@ -341,12 +327,6 @@ class Peer:
                     break
             self.run_window()
         self.progress("finished", self.replica.window)
-
-    def wait_for_genesis(self) -> None:
-        """Window 0 opens at the manifest's genesis time: whoever starts earlier waits for it."""
-        while self.replica.window == 0 and (left := self.manifest.run.genesis - time.time()) > 0:
-            self.progress("genesis", 0, seconds_left=round(left, 1))
-            time.sleep(min(left, 1.0))
 
     def progress(self, phase: str, window: int, **extra: object) -> None:
         """Replace the progress file: what this peer is doing now (rank 0 only)."""

@@ -6,13 +6,14 @@
 - ``dataindex.py``    the run's data index and the safe reader of its token shards
 - ``errors.py``       the one exception tree (drawn in its docstring)
 - ``identity.py``     ed25519 keys and peer ids
-- ``records.py``      small signed msgpack records (close, scores, announcements)
+- ``records.py``      small signed msgpack records (consensus, scores, announcements)
+- ``urlfetch.py``     bounded GETs of the URLs peers announce (no redirects, public hosts)
 - ``codec_types.py``  tensor layouts (chunks, tiles, k) and ``CompressedTensor``
 - ``codec.py``        SparseLoCo: top-k per chunk, 2-bit values, error feedback
 - ``indexcode.py``    Elias-Fano coding of in-chunk positions, 2-bit code packing
 - ``wire.py``         the signed payload format and the decoder that trusts nothing
 - ``aggregate.py``    deterministic aggregation of decoded payloads (fixed order, exact norms)
-- ``close.py``        the window close record: the one list of payloads that count
+- ``consensus.py``    deciding what closes a window: Tendermint rounds between the trusted closers
 - ``digest.py``       weights digest (exact-sync check)
 - ``paths.py``        where each object of a run lives in a store
 - ``scores.py``       validator score records and the rule combining several validators

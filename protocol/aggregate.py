@@ -8,8 +8,10 @@ So, per tensor:
    per chunk, ``scale^2 * sum_j LEVELS[bit_j]^2`` in float64, summed with ``math.fsum``
    (exactly rounded, hence independent of order, threads and device).
 2. Clipping ("median"): each contribution is scaled by ``min(1, median_norm / norm)``, the
-   median taken over the peers of this window (SparseLoCo-style robustness: one peer with
-   a huge update moves the model no more than a typical one).
+   median taken over the peers *with standing* in this window (listed by the run or rated
+   by a majority of validators; all peers when none has standing). One peer with a huge
+   update moves the model no more than a typical one, and a swarm of fresh keys cannot move
+   the median: it is not theirs.
 3. Accumulation in float32, peers sorted by peer id, one scatter-add per peer into a single
    dense accumulator. Within one peer's tensor the positions are unique, so each scatter is
    elementwise and deterministic on CPU and CUDA alike.
@@ -26,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import torch
 
@@ -53,15 +55,17 @@ def tensor_norm(c: CompressedTensor) -> float:
     return math.sqrt(math.fsum(per_chunk.cpu().tolist()))
 
 
-def clip_factors(norms: Mapping[str, float]) -> dict[str, float]:
+def clip_factors(norms: Mapping[str, float], reference: Collection[str] | None = None) -> dict[str, float]:
     """Per peer, the factor ``min(1, median / norm)`` that clips its norm to the median.
 
-    ``norms`` maps peer id to that peer's norm for one tensor. The median of an even count
-    is the mean of the two middle norms (``statistics.median``: exact, order-free).
+    ``norms`` maps peer id to that peer's norm for one tensor; the median is taken over the
+    peers in ``reference`` that are present (all peers when none is, or when None). The
+    median of an even count is the mean of the two middle norms (exact, order-free).
     """
     if not norms:
         return {}
-    median = statistics.median(norms.values())
+    ref = [n for p, n in norms.items() if reference is None or p in reference] or list(norms.values())
+    median = statistics.median(ref)
     return {peer: (1.0 if n <= median else median / n) for peer, n in norms.items()}
 
 
@@ -81,13 +85,15 @@ def aggregate(
     *,
     rule: str = "mean_selected",
     clip: str = "median",
+    reference: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The window's aggregate pseudo-gradient: float32 tensors of the model's shapes.
 
     ``contributions`` yields ``(peer_id, tensors)`` once each, in any order (a generator is
     fine; it is consumed once). The result is bit-identical for any order of the same
     contributions and any ``torch.set_num_threads``. With no contributions every tensor is
-    zero. Raises ``LayoutMismatch`` for a contribution whose tensors differ from
+    zero. ``reference``: the peers whose norms median clipping is referenced to (see the
+    module docstring). Raises ``LayoutMismatch`` for a contribution whose tensors differ from
     ``layouts``, ``ValueError`` for a repeated peer id and ``ManifestError`` for an unknown
     rule or clip (the manifest's own check).
     """
@@ -110,7 +116,7 @@ def aggregate(
         acc = torch.zeros(layout.numel, dtype=torch.float32, device=device)
         count = torch.zeros(layout.numel, dtype=torch.int32, device=device) if rule == "mean_selected" else None
         if clip == "median":
-            factors = clip_factors({p: tensor_norm(peers[p][name]) for p in order})
+            factors = clip_factors({p: tensor_norm(peers[p][name]) for p in order}, reference)
         else:
             factors = dict.fromkeys(order, 1.0)
         ones = torch.ones(layout.n_chunks * layout.k, dtype=torch.int32, device=device)

@@ -4,7 +4,8 @@ A peer that writes to a bucket only it can write to publishes, next to (or inste
 object, an announcement: run, window, object key, a URL anyone can GET (usually an S3
 presigned URL, so no credentials are shared), the object's sha256 and size. Readers verify
 the signature first (``records.verify_record``), then the fields, strictly (no coercion),
-then fetch with ``stores.s3.PresignedReader`` and compare the hash.
+then fetch with ``protocol.urlfetch.UrlReader`` (no redirects, public hosts only unless the
+run allows private ones, bounded size and time) and compare the hash.
 """
 
 from __future__ import annotations

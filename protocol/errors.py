@@ -12,7 +12,8 @@
     │   ├── LayoutMismatch       tensor names/shapes/codec parameters differ from the run's
     │   ├── NonFinite            NaN/inf in scales or values
     │   └── OutOfSync            base weights digest differs from the current global digest
-    ├── RecordRejected           a signed record (announcement, score, close) is invalid
+    ├── PayloadUnavailable       a payload a decision counts cannot be fetched (by hash) right now
+    ├── RecordRejected           a signed record (announcement, score, consensus) is invalid
     ├── StoreError               a store operation failed (carries key)
     │   ├── ObjectNotFound       no such object
     │   ├── ObjectTooLarge       over the reader's cap (checked before the body is read)
@@ -93,6 +94,16 @@ class NonFinite(PayloadRejected):
 
 class OutOfSync(PayloadRejected):
     """The payload was computed from other base weights than the current global ones."""
+
+
+class PayloadUnavailable(LocoError):
+    """A payload a window's decision counts cannot be fetched, from any source, with the
+    decided SHA-256. Replicas wait and try again: they never apply a window without it."""
+
+    def __init__(self, peer: str, reason: str):
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"payload of {peer} is unavailable: {reason}")
 
 
 class RecordRejected(LocoError):

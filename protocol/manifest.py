@@ -27,6 +27,15 @@ OUTER_RULES = ("mean_selected", "mean")
 OUTER_CLIPS = ("median", "none")
 
 
+def check_keys(where: str, keys: tuple[str, ...]) -> None:
+    """Every key is a distinct ed25519 public key in lowercase hex (64 characters)."""
+    for key in keys:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise ManifestError(f"{where}: {key!r} is not an ed25519 public key in lowercase hex (64 characters)")
+    if len(set(keys)) != len(keys):
+        raise ManifestError(f"{where} lists a key twice")
+
+
 def check_choice(where: str, value: str, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``; else a ``ManifestError`` naming them (the one
     check of every enumerated option, used by the manifest and by node-local overrides)."""
@@ -58,6 +67,24 @@ class RunConfig:
     keep_windows: int = 20
     """Garbage collection: a window's objects are deleted once it is this many windows old
     *and* older than the newest checkpoint, so late joiners can always replay. Default 20."""
+    peers: tuple[str, ...] = ()
+    """Hex ed25519 public keys of peers the run's operator vouches for. In a run without
+    validators (a private run) they are the only peers whose payloads count, and they decide
+    what closes each window; in a run with validators they count from the first window,
+    without waiting to be scored. Default none."""
+    announce_hosts: tuple[str, ...] = ()
+    """Host names a peer's announced URL (its own bucket) may point to: exact, or
+    ".example.com" for any subdomain; empty = any host. Default none."""
+    announce_private: bool = False
+    """Let announced URLs point to loopback, private or link-local addresses. Only for local
+    networks and tests: on the internet it lets a peer make every reader fetch from the
+    reader's own network (cloud metadata services included). Default false."""
+    quorum: int = 0
+    """Signatures of closers a window's decision needs (the closers are the validators, or
+    the listed peers of a private run). 0 = automatic: more than two thirds of the
+    validators (safe with fewer than a third of them hostile), or a majority of the listed
+    peers of a private run (safe against crashes, not against a peer that equivocates).
+    Default 0."""
 
     def __post_init__(self) -> None:
         if not self.id or not all(c.isalnum() or c in "-_." for c in self.id):
@@ -68,6 +95,9 @@ class RunConfig:
             raise ManifestError("run.checkpoint_every must be >= 1")
         if self.keep_windows < self.checkpoint_every:
             raise ManifestError("run.keep_windows must be >= run.checkpoint_every so late joiners can replay")
+        check_keys("run.peers", self.peers)
+        if self.quorum < 0:
+            raise ManifestError("run.quorum must be >= 0 (0 = automatic)")
 
 
 @dataclass(frozen=True)
@@ -206,10 +236,21 @@ class ValidatorsConfig:
     """Window w aggregates by the scores published for window ``w - score_lag``. Default 2."""
     min_weight: float = 0.0
     """Peers whose combined weight is at or below this are left out. Default 0."""
+    lookback: int = 4
+    """When fewer than a majority of the validators scored window ``w - score_lag`` (they are
+    slow or offline), window w may follow the scores of one of the ``lookback`` windows
+    before it; older scores are never used. Default 4."""
+    max_newcomers: int = 4
+    """Peers without standing (not listed by the run, not yet rated by a majority of the
+    validators) one window counts at most, so a swarm of fresh keys cannot crowd a window.
+    Default 4."""
 
     def __post_init__(self) -> None:
         if self.score_lag < 1 or not 0.0 <= self.min_weight < 1.0:
             raise ManifestError("validators.score_lag must be >= 1 and validators.min_weight in [0, 1)")
+        if self.lookback < 0 or self.max_newcomers < 0:
+            raise ManifestError("validators.lookback and validators.max_newcomers must be >= 0")
+        check_keys("validators.keys", self.keys)
 
 
 @dataclass(frozen=True)
@@ -222,6 +263,30 @@ class Manifest:
     codec: CodecConfig = field(default_factory=CodecConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     validators: ValidatorsConfig = field(default_factory=ValidatorsConfig)
+
+    @property
+    def closers(self) -> tuple[str, ...]:
+        """Hex public keys whose signatures decide windows: the validators, or the listed
+        peers of a run without validators; sorted."""
+        return tuple(sorted(self.validators.keys or self.run.peers))
+
+    @property
+    def quorum(self) -> int:
+        """Closer signatures a decision needs (``run.quorum``, or the automatic value)."""
+        n = len(self.closers)
+        if self.run.quorum:
+            return self.run.quorum
+        return (2 * n) // 3 + 1 if self.validators.keys else n // 2 + 1
+
+    def check_authority(self) -> None:
+        """Refuse a run nobody may close, or whose quorum cannot be reached."""
+        if not self.closers:
+            raise ManifestError(
+                "this run trusts no key to close windows: list validators (validators.keys, "
+                "`init --validator-key`) or the run's peers (run.peers, `init --peer-key`)"
+            )
+        if self.quorum > len(self.closers):
+            raise ManifestError(f"run.quorum {self.quorum} is more than the {len(self.closers)} closers")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,6 +362,10 @@ def _coerce(section: str, key: str, f: dataclasses.Field, value: Any) -> Any:
     """Accept exactly the declared type (ints for floats are fine); refuse everything else."""
     want = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     where = f"[{section}] {key}"
+    if want == "bool":
+        if not isinstance(value, bool):
+            raise ManifestError(f"{where} must be true or false, got {value!r}")
+        return value
     if want == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ManifestError(f"{where} must be a number, got {value!r}")

@@ -4,6 +4,10 @@ Layout: ``b"LSR1"`` | u32 big-endian body length | msgpack body (a map with str 
 always holding ``kind`` and ``run``) | 32-byte ed25519 public key | 64-byte signature over
 everything before the key. The signature is checked before the body is parsed, and the
 body is parsed with msgpack's size limits, so a hostile record costs a hash and a verify.
+
+Maps with a repeated key are refused everywhere (``unpack_strict``): msgpack itself keeps
+the last value, a decoder in another language may keep the first, and then the same signed
+bytes would mean two different things to two readers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,29 @@ class SignedRecord:
     body: dict[str, Any]
 
 
+class DuplicateKey(ValueError):
+    """A msgpack map repeats a key."""
+
+
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise DuplicateKey("a map repeats a key")
+    return out
+
+
+def unpack_strict(data: bytes, limit: int) -> Any:
+    """msgpack-decode ``data`` with every length bounded by ``limit`` and repeated map keys
+    refused. Raises ``ValueError`` (msgpack's own errors derive from it) for bad bytes."""
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, object_pairs_hook=_strict_map,
+            max_bin_len=limit, max_str_len=limit, max_array_len=limit, max_map_len=limit, max_ext_len=0,
+        )
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ValueError(str(exc)) from exc
+
+
 def sign_record(identity: Identity, kind: str, run: str, body: dict[str, Any]) -> bytes:
     """Serialize and sign ``body`` (msgpack-able values only) as a record of ``kind``."""
     packed = msgpack.packb({"kind": kind, "run": run, **body}, use_bin_type=True)
@@ -63,11 +90,8 @@ def verify_record(
     if signer is not None and peer_id != signer:
         raise RecordRejected(f"{kind} record is signed by {peer_id}, expected {signer}")
     try:
-        body = msgpack.unpackb(
-            data[_PREFIX : _PREFIX + n], raw=False, strict_map_key=True, max_bin_len=n, max_str_len=n,
-            max_array_len=n, max_map_len=n,
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        body = unpack_strict(data[_PREFIX : _PREFIX + n], n)
+    except ValueError as exc:
         raise RecordRejected(f"{kind} record body is not valid msgpack: {exc}") from exc
     if not isinstance(body, dict):
         raise RecordRejected(f"{kind} record body is not a map")

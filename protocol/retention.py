@@ -1,8 +1,10 @@
 """Garbage collection of old windows, by the policy in the manifest's [run] table.
 
 A late joiner starts from the latest published checkpoint and replays every window since,
-so those windows' payloads and close records must stay. Older windows are deleted once
-they are also more than ``keep_windows`` behind. Checkpoints are never deleted here.
+so those windows' payloads and decisions must stay, and so must the window just before the
+checkpoint (its decision says when the checkpoint's window started: the schedule). Older
+windows are deleted once they are also more than ``keep_windows`` behind. Checkpoints are
+never deleted here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def retention_floor(current_window: int, latest_checkpoint: int, keep_windows: int) -> int:
     """The oldest window whose objects must be kept."""
-    return max(0, min(latest_checkpoint, current_window - keep_windows))
+    return max(0, min(latest_checkpoint - 1, current_window - keep_windows))
 
 
 def gc_windows(store: Store, keep_from_window: int, protect: Callable[[str], bool] = lambda key: False) -> list[str]:

@@ -1,23 +1,24 @@
-"""Validator score records, and the rule peers use to turn them into whose payloads count.
+"""Validator score records, and the rule that turns them into who may count in a window.
 
 A validator publishes one signed record (``protocol.records``, kind ``"scores"``) per window
 under ``scores/<window:06d>/<validator_peer_id>.lsr``. The body is, exactly::
 
     {"kind": "scores", "run": <run key>, "window": <int >= 0>,
-     "peers": {<peer id>: {"weight": <float in [0, 1]>, "included": <bool>,
+     "peers": {<peer id>: {"weight": <float in [0, 1]>, "included": <bool>, "standing": <bool>,
                            "components": {<name>: <finite float>, ...}}, ...}}
 
 Only records signed by one of the run's trusted validator keys (manifest
 ``validators.keys``, hex) are read, and the schema is strict: exact key sets, exact types
-(an int is not a float, a bool is not an int), bounded counts and lengths.
+(an int is not a float, a bool is not an int), bounded counts and lengths, well-formed ids.
 
-Combining several validators (``combine``): a peer's weight is the median, over the
-validators that published for the window, of the weight each gave it (0 when a validator
-published and did not list it); the peer counts iff more than half of those validators
-include it. One dishonest validator among three or more can therefore neither admit nor
-exclude a peer alone, nor move its median weight outside the honest ones' range.
-Before any trusted record exists for the lagged window, every valid payload counts
-(``None``), so a run can start before its validators do.
+Combining (``combine``) counts *all* trusted validators, not those that happened to publish:
+a window's scores are usable only once more than half of all trusted validators published
+(so one fast validator cannot decide alone while the others are slow); a peer may count
+iff more than half of all trusted validators include it, has standing iff more than half
+give it standing (rated for a while and trusted: robust statistics reference these), and
+its weight is the median over all trusted validators (0 for one that did not list it).
+A hostile minority can therefore neither admit nor exclude a peer, nor move its weight
+outside the honest validators' range.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from protocol.errors import ObjectNotFound, RecordRejected
-from protocol.identity import PEER_ID_HEX_CHARS, Identity
-from protocol.paths import scores_prefix
+from protocol.errors import ObjectNotFound, ObjectTooLarge, RecordRejected
+from protocol.identity import PEER_ID_HEX_CHARS, Identity, peer_id_of
+from protocol.paths import RECORD_SUFFIX, score_key, scores_prefix
 from protocol.records import MAX_RECORD_BYTES, require, sign_record, verify_record
 from protocol.stores.base import Store
 
@@ -48,7 +49,7 @@ MAX_COMPONENT_NAME = 32
 _PEER_ID = re.compile(rf"^[0-9a-f]{{{PEER_ID_HEX_CHARS}}}$")
 _COMPONENT = re.compile(rf"^[a-z0-9_]{{1,{MAX_COMPONENT_NAME}}}$")
 _BODY_KEYS = frozenset({"kind", "run", "window", "peers"})
-_PEER_KEYS = frozenset({"weight", "included", "components"})
+_PEER_KEYS = frozenset({"weight", "included", "standing", "components"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class PeerScore:
     """In [0, 1]: the validator's trust in the peer (from its rating)."""
     included: bool
     """Whether this validator says the peer's payload should count."""
+    standing: bool = False
+    """Whether this validator has rated the peer long enough to trust its norm as a
+    reference (robust statistics are taken over peers with standing only)."""
     components: Mapping[str, float] = field(default_factory=dict)
     """What the weight came from, for people and dashboards (e.g. ``gain_unassigned``)."""
 
@@ -85,17 +89,13 @@ class ScoreRecord:
         return frozenset(p for p, s in self.peers.items() if s.included)
 
 
-def score_key(window: int, validator_id: str) -> str:
-    """Store key of a validator's record for ``window``."""
-    return f"{scores_prefix(window)}{validator_id}.lsr"
-
-
 def make_score_record(identity: Identity, run: str, window: int, scores: Mapping[str, PeerScore]) -> bytes:
     """Sign the scores of ``window`` as a record other peers can verify."""
     peers = {
         peer: {
             "weight": float(s.weight),
             "included": bool(s.included),
+            "standing": bool(s.standing),
             "components": {str(k): float(v) for k, v in sorted(s.components.items())},
         }
         for peer, s in sorted(scores.items())
@@ -138,6 +138,7 @@ def _parse_peer(peer: str, entry: object) -> PeerScore:
     if not 0.0 <= weight <= 1.0:  # also refuses NaN
         raise RecordRejected(f"weight of peer {peer} must be in [0, 1], got {weight}")
     included = require(entry, "included", bool, KIND)
+    standing = require(entry, "standing", bool, KIND)
     components = require(entry, "components", dict, KIND)
     if len(components) > MAX_COMPONENTS:
         raise RecordRejected(f"peer {peer} has {len(components)} score components, over the cap of {MAX_COMPONENTS}")
@@ -146,67 +147,69 @@ def _parse_peer(peer: str, entry: object) -> PeerScore:
             raise RecordRejected(f"score component name {name!r} of peer {peer} is not [a-z0-9_]{{1,32}}")
         if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
             raise RecordRejected(f"score component {name!r} of peer {peer} must be a finite float, got {value!r}")
-    return PeerScore(weight, included, dict(components))
+    return PeerScore(weight, included, standing, dict(components))
 
 
-def combine(records: Sequence[ScoreRecord], n_trusted: int) -> dict[str, float] | None:
-    """Peers that count, each mapped to its median weight; ``None`` when there is no record.
+@dataclass(frozen=True)
+class Combined:
+    """What a majority of all trusted validators say about one window's peers."""
 
-    ``records`` come from distinct trusted validators for one window (one per validator;
-    a second record of the same validator is ignored). ``n_trusted`` is how many
-    validators the run trusts: more distinct signers than that is a caller bug, and fewer
-    than a majority publishing is logged, since the rule then rests on fewer opinions.
-    """
-    if not records:
-        return None
+    window: int
+    allowed: dict[str, float]
+    """Peers that may count, each with its median weight."""
+    standing: frozenset[str]
+    """Peers a majority gives standing."""
+
+
+def combine(records: Sequence[ScoreRecord], trusted: Collection[str]) -> Combined | None:
+    """The majority view of one window's records; None unless more than half of all
+    ``trusted`` validators (hex keys) published one. A second record of the same validator
+    is ignored; a record of an untrusted key is a caller bug."""
+    trusted = {k.lower() for k in trusted}
     by_validator: dict[str, ScoreRecord] = {}
     for rec in records:
-        by_validator.setdefault(rec.validator, rec)
-    n = len(by_validator)
-    if n > n_trusted:
-        raise ValueError(f"{n} distinct validators signed records, but only {n_trusted} are trusted")
-    if 2 * n <= n_trusted:
-        log.warning("only %d of %d trusted validators published scores for window %d", n, n_trusted, records[0].window)
-    peers = sorted({p for rec in by_validator.values() for p in rec.peers})
-    out = {}
-    for peer in peers:
-        votes = sum(1 for rec in by_validator.values() if peer in rec.peers and rec.peers[peer].included)
-        if 2 * votes > n:
-            out[peer] = statistics.median(
-                rec.peers[peer].weight if peer in rec.peers else 0.0 for rec in by_validator.values()
-            )
-    return out
-
-
-def allowed_peers(
-    store: Store, run: str, window: int, lag: int, trusted_keys: Collection[str], *, min_weight: float = 0.0
-) -> set[str] | None:
-    """Peers whose payloads count in ``window``, from the scores of ``window - lag``.
-
-    ``None`` means no trusted scores exist yet for that window: every valid payload counts.
-    Records that fail verification, name another window, or sit under another validator's
-    key are skipped with a warning; a peer counts iff ``combine`` keeps it and its median
-    weight is above ``min_weight`` (manifest ``validators.min_weight``).
-    """
-    scored = window - lag
-    if scored < 0:
+        if rec.public_key not in trusted:
+            raise ValueError(f"record of validator {rec.validator} is not signed by a trusted key")
+        by_validator.setdefault(rec.public_key, rec)
+    n = len(trusted)
+    if not records or 2 * len(by_validator) <= n:
         return None
+    peers = sorted({p for rec in by_validator.values() for p in rec.peers})
+    allowed, standing = {}, set()
+    for peer in peers:
+        scores = [rec.peers[peer] for rec in by_validator.values() if peer in rec.peers]
+        if 2 * sum(s.included for s in scores) > n:
+            weights = [s.weight for s in scores] + [0.0] * (n - len(scores))
+            allowed[peer] = statistics.median(weights)
+        if 2 * sum(s.standing for s in scores) > n:
+            standing.add(peer)
+    return Combined(records[0].window, allowed, frozenset(standing))
+
+
+def read_scores(store: Store, run: str, window: int, trusted_keys: Collection[str]) -> list[ScoreRecord]:
+    """The valid records of trusted validators for ``window``, one per validator.
+
+    Only keys of the form ``scores/<window>/<peer id>.lsr`` are read, each under the size cap;
+    a record that fails verification, names another window, or sits under another
+    validator's key is skipped with a logged reason (never fatal, never retried).
+    """
+    trusted = {k.lower() for k in trusted_keys}
+    wanted = {peer_id_of(bytes.fromhex(k)): k for k in trusted}
     records = []
-    for info in store.list(scores_prefix(scored)):
-        if not info.key.endswith(".lsr"):
-            continue
+    for info in store.list(scores_prefix(window)):
+        validator = info.key.rsplit("/", 1)[-1].removesuffix(RECORD_SUFFIX)
+        if info.key != score_key(window, validator) or validator not in wanted or info.size > MAX_RECORD_BYTES:
+            continue  # not a key a trusted validator writes: never read
         try:
-            rec = read_score_record(store.get(info.key, max_bytes=MAX_RECORD_BYTES), run, trusted_keys)
+            rec = read_score_record(store.get(info.key, max_bytes=MAX_RECORD_BYTES), run, trusted)
         except ObjectNotFound:
             continue
-        except RecordRejected as exc:
-            log.warning("ignoring score record %s: %s", info.key, exc)
+        except (RecordRejected, ObjectTooLarge) as exc:
+            log.warning("ignoring score record %r: %s", info.key, exc)
             continue
-        if rec.window != scored or info.key != score_key(scored, rec.validator):
-            log.warning("ignoring score record %s: it is validator %s's record for window %d", info.key, rec.validator, rec.window)
+        if rec.window != window or rec.validator != validator:
+            log.warning("ignoring score record %r: it is validator %s's record for window %d", info.key,
+                        rec.validator, rec.window)
             continue
         records.append(rec)
-    combined = combine(records, len({k.lower() for k in trusted_keys}))
-    if combined is None:
-        return None
-    return {peer for peer, weight in combined.items() if weight > min_weight}
+    return records

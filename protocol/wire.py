@@ -66,6 +66,7 @@ from protocol.indexcode import (
     unpack_codes,
 )
 from protocol.manifest import CodecConfig
+from protocol.records import unpack_strict
 
 MAGIC = b"LSPW"
 VERSION = 1
@@ -154,6 +155,34 @@ class Expectation:
     max_bytes: int
     peer_id: str | None = None
     base_digest: bytes | None = None
+    max_header_bytes: int = MAX_HEADER_BYTES
+    """Refuse a header longer than this before checking the signature (``header_bound``)."""
+
+    @classmethod
+    def of_run(cls, run: str, window: int, layouts: Mapping[str, TensorLayout], codec: CodecConfig, *,
+               cap: int, base_digest: bytes | None = None) -> Expectation:
+        """What a payload of the run's model must be: sizes bounded by what the layouts imply
+        (a valid payload is within a few hundred bytes of ``payload_bound``), and by ``cap``."""
+        return cls(run=run, window=window, layouts=layouts, codec=codec, base_digest=base_digest,
+                   max_bytes=min(cap, payload_bound(layouts)), max_header_bytes=header_bound(layouts))
+
+
+def header_bound(layouts: Mapping[str, TensorLayout]) -> int:
+    """Bytes a valid header describing ``layouts`` takes at most (run key, ids, digest and
+    numbers at their widest msgpack encodings, plus each tensor's name and shape)."""
+    fixed = 512 + MAX_RUN_CHARS
+    per_tensor = sum(len(name.encode()) + 9 * len(lay.shape) + 96 for name, lay in layouts.items())
+    return fixed + per_tensor
+
+
+def payload_bound(layouts: Mapping[str, TensorLayout]) -> int:
+    """Bytes a valid payload for ``layouts`` takes at most: framing, ``header_bound`` and the
+    exact section lengths (a pure function of the layouts)."""
+    sections = sum(
+        index_section_bytes(lay.n_chunks, lay.chunk_len, lay.k) + code_section_bytes(lay.n_chunks, lay.k) + lay.n_chunks
+        for lay in layouts.values()
+    )
+    return _PREFIX.size + header_bound(layouts) + sections + _TRAILER
 
 
 @dataclass
@@ -295,7 +324,8 @@ def decode_payload(data: bytes, expect: Expectation, device: str | torch.device 
 
     Raises only ``PayloadRejected`` subclasses (see the module docstring for the order).
     """
-    parsed = _parse(data, max_bytes=expect.max_bytes, peer=expect.peer_id, window=expect.window)
+    parsed = _parse(data, max_bytes=expect.max_bytes, peer=expect.peer_id, window=expect.window,
+                    max_header=expect.max_header_bytes)
     header = parsed.header
     ctx = {"peer": header.peer_id, "window": expect.window if expect.window is not None else header.window}
     if header.run != expect.run:
@@ -339,7 +369,8 @@ def decode_payload(data: bytes, expect: Expectation, device: str | torch.device 
     return Payload(header, tensors, parsed.public_key, len(data))
 
 
-def _parse(data: bytes, *, max_bytes: int, peer: str | None, window: int | None) -> _Parsed:
+def _parse(data: bytes, *, max_bytes: int, peer: str | None, window: int | None,
+           max_header: int = MAX_HEADER_BYTES) -> _Parsed:
     """Size cap, magic/version, framing, signature, signer == peer id, header schema."""
     ctx: dict[str, Any] = {"peer": peer, "window": window}
     if len(data) > max_bytes:
@@ -351,8 +382,8 @@ def _parse(data: bytes, *, max_bytes: int, peer: str | None, window: int | None)
         raise MalformedPayload(f"bad magic {magic!r}: not a locoswarm payload (expected {MAGIC!r})", **ctx)
     if version != VERSION:
         raise MalformedPayload(f"wire version {version} is not supported (this build reads version {VERSION})", **ctx)
-    if header_len > MAX_HEADER_BYTES:
-        raise PayloadTooLarge(f"header length field says {header_len} bytes, over the cap of {MAX_HEADER_BYTES}", **ctx)
+    if header_len > max_header:
+        raise PayloadTooLarge(f"header length field says {header_len} bytes, over the cap of {max_header}", **ctx)
     body_start = _PREFIX.size + header_len
     body_len = len(data) - body_start - _TRAILER
     if body_len < 0:
@@ -363,11 +394,7 @@ def _parse(data: bytes, *, max_bytes: int, peer: str | None, window: int | None)
         raise BadSignature("signature does not verify: the object was altered or signed by someone else", **ctx)
     ctx["peer"] = signer = peer_id_of(public_key)
     try:
-        raw = msgpack.unpackb(
-            data[_PREFIX.size : body_start], raw=False, strict_map_key=True, use_list=True,
-            max_str_len=header_len, max_bin_len=header_len, max_array_len=header_len,
-            max_map_len=header_len, max_ext_len=0,
-        )
+        raw = unpack_strict(data[_PREFIX.size : body_start], header_len)
     except (ValueError, msgpack.UnpackException) as exc:
         raise MalformedPayload(f"header is not valid msgpack: {exc}", **ctx) from exc
     if type(raw) is not dict:

@@ -14,15 +14,30 @@ from pathlib import Path
 
 from node.genesis import init_run
 from node.progress import read_history, read_progress
+from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.stores import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+DEFAULT_PEERS = ("p0", "p1", "p2")
+
+
+def peer_identity(name: str) -> Identity:
+    """The fixed key of the test peer called ``name``."""
+    return Identity.from_seed(f"locoswarm test peer {name}".encode())
+
+
+def peer_keys(*names: str) -> tuple[str, ...]:
+    return tuple(peer_identity(n).public_key.hex() for n in names)
+
+
 def small_manifest(**overrides) -> Manifest:
-    """The tiny preset on a small corpus, short windows: a whole network in seconds."""
+    """The tiny preset on a small corpus, short windows: a whole network in seconds. A private
+    run of the peers ``DEFAULT_PEERS`` unless ``overrides`` say otherwise."""
     m = Manifest().replace(
+        run__peers=peer_keys(*DEFAULT_PEERS),
         run__id="test",
         run__window_seconds=30.0,
         run__checkpoint_every=2,
@@ -60,11 +75,17 @@ def create_run(root: Path, manifest: Manifest | None = None, store_uri: str | No
     return Run(root, manifest, path, uri)
 
 
-def copy_run(template: Path, dest: Path) -> Run:
+def copy_run(template: Path, dest: Path, peers: tuple[str, ...] | None = None) -> Run:
     """A fresh copy of an initialized run (file store), so tests do not share state. The
-    manifest holds nothing about where the store is, so the copy is the same run."""
+    manifest holds nothing about where the store is, so the copy is the same run; with
+    ``peers`` it becomes a run of those peers (same data and genesis, another identity)."""
     shutil.copytree(template, dest)
-    return Run(dest, Manifest.load(dest / "manifest.toml"), dest / "manifest.toml", f"file://{dest / 'store'}")
+    manifest = Manifest.load(dest / "manifest.toml")
+    if peers is not None:
+        manifest = manifest.replace(run__peers=peer_keys(*peers))
+        for path in (dest / "manifest.toml", dest / "store" / "manifest.toml"):
+            path.write_text(manifest.to_toml())
+    return Run(dest, manifest, dest / "manifest.toml", f"file://{dest / 'store'}")
 
 
 class PeerProcess:
@@ -73,13 +94,15 @@ class PeerProcess:
     started: list[PeerProcess] = []
 
     def __init__(self, root: Path, name: str, manifest_path: Path, store_uri: str, *, windows: int,
-                 min_peers: int, extra: list[str] | None = None, launcher: list[str] | None = None):
+                 extra: list[str] | None = None, launcher: list[str] | None = None):
         self.workdir = root / "peers" / name
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.workdir / "peer.key").exists():
+            peer_identity(name).save(self.workdir / "peer.key")
         self.log_path = self.workdir / "log.txt"
         cmd = (launcher or [sys.executable, "-m", "locoswarm.cli"]) + [
             "peer", "--store", store_uri, "--manifest", str(manifest_path), "--workdir", str(self.workdir),
-            "--windows", str(windows), "--min-peers", str(min_peers), "--threads", "1", *(extra or []),
+            "--windows", str(windows), "--threads", "1", *(extra or []),
         ]
         self.cmd = cmd
         self.proc: subprocess.Popen | None = None

@@ -12,7 +12,8 @@ import pytest
 
 from node.state import load_local_state
 from protocol import paths
-from protocol.close import read_close_record
+from node.accounting import Accounting
+from node.follow import DecisionReader
 from protocol.identity import Identity
 from protocol.scores import read_score_record
 from protocol.stores import open_store
@@ -59,7 +60,7 @@ def _network(root: Path, keys: Path, *, adversaries: bool) -> dict:
     for i in range(HONEST):
         (root / "peers" / f"h{i}").mkdir(parents=True)
         shutil.copy(keys / f"h{i}.key", root / "peers" / f"h{i}" / "peer.key")
-        honest.append(PeerProcess(root, f"h{i}", mpath, uri, windows=WINDOWS, min_peers=expected))
+        honest.append(PeerProcess(root, f"h{i}", mpath, uri, windows=WINDOWS))
     attacker = None
     if adversaries:
         victim = Identity.load(keys / "h0.key").peer_id
@@ -78,8 +79,8 @@ def _network(root: Path, keys: Path, *, adversaries: bool) -> dict:
                 proc.kill()
                 proc.wait()
     store = open_store(uri)
-    closes = [read_close_record(store.get(paths.close_key(w)), run=manifest.run_key, window=w)
-              for w in range(WINDOWS) if store.exists(paths.close_key(w))]  # old windows are collected
+    reader = DecisionReader(store, manifest, Accounting())
+    closes = [d for w in range(WINDOWS) if (d := reader.read(w)) is not None]  # old windows are collected
     return {
         "honest": honest,
         "ids": [Identity.load(keys / f"h{i}.key").peer_id for i in range(HONEST)],

@@ -1,13 +1,20 @@
 """Resumable local state and published checkpoints."""
 
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors.torch import save
 
-from node.checkpoint import fetch_checkpoint, latest_checkpoint, publish_checkpoint
+from node.checkpoint import (
+    checkpoint_windows,
+    fetch_checkpoint,
+    meta_key,
+    publish_checkpoint,
+    weights_key,
+)
 from node.state import LocalState, load_local_state, save_local_state
-from protocol import paths
 from protocol.digest import weights_digest
 from protocol.errors import CheckpointError
 from protocol.stores.memory import MemoryStore
@@ -37,33 +44,45 @@ def test_missing_local_state_is_none_and_corrupt_is_a_clear_error(tmp_path):
         load_local_state(bad)
 
 
-def test_published_checkpoint_is_verified_on_fetch():
+def test_published_checkpoint_is_fetched_by_the_digest_a_decision_names():
     store = MemoryStore()
     w = _weights()
-    assert publish_checkpoint(store, 5, w)
-    assert not publish_checkpoint(store, 5, _weights(1))  # first one wins
-    assert latest_checkpoint(store, every=5) == 5
-    shapes = {k: tuple(v.shape) for k, v in w.items()}
-    got, digest = fetch_checkpoint(store, 5, shapes, 1 << 20)
+    digest = publish_checkpoint(store, 5, w)
     assert digest == weights_digest(w)
+    publish_checkpoint(store, 5, _weights(1))  # another one at the same window does not displace it
+    shapes = {k: tuple(v.shape) for k, v in w.items()}
+    assert weights_digest(fetch_checkpoint(store, 5, digest, shapes)) == digest
+    assert list(checkpoint_windows(store, every=5)) == [5]
 
 
-def test_tampered_or_misshapen_checkpoint_is_refused():
+def test_tampered_misshapen_or_misnamed_checkpoint_is_refused():
     store = MemoryStore()
     w = _weights()
-    publish_checkpoint(store, 2, w)
+    digest = publish_checkpoint(store, 2, w)
     shapes = {k: tuple(v.shape) for k, v in w.items()}
     with pytest.raises(CheckpointError, match="layout"):
-        fetch_checkpoint(store, 2, {"a.weight": (4, 8), "b.bias": (3,)}, 1 << 20)
-    blob = bytearray(store.get(paths.checkpoint_weights_key(2)))
+        fetch_checkpoint(store, 2, digest, {"a.weight": (4, 8), "b.bias": (3,)})
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        fetch_checkpoint(store, 3, digest, shapes)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        fetch_checkpoint(store, 2, b"\x01" * 32, shapes)
+    blob = bytearray(store.get(weights_key(2, digest)))
     blob[-1] ^= 1
-    store.put(paths.checkpoint_weights_key(2), bytes(blob))
+    store.put(weights_key(2, digest), bytes(blob))
     with pytest.raises(CheckpointError, match="sha256"):
-        fetch_checkpoint(store, 2, shapes, 1 << 20)
-    meta = json.loads(store.get(paths.checkpoint_meta_key(2)))
-    with pytest.raises(CheckpointError, match="missing"):
-        fetch_checkpoint(store, 3, shapes, 1 << 20)
-    assert meta["window"] == 2
+        fetch_checkpoint(store, 2, digest, shapes)
+    # A forger names its file after the honest digest, with a self-consistent meta: the
+    # weights' own digest gives it away.
+    forged = _weights(7)
+    forged_blob = save({k: v.contiguous() for k, v in sorted(forged.items())})
+    store.put(weights_key(2, digest), forged_blob)
+    meta = {"window": 2, "digest": digest.hex(), "sha256": hashlib.sha256(forged_blob).hexdigest(), "size": len(forged_blob)}
+    store.put(meta_key(2, digest), json.dumps(meta).encode())
+    with pytest.raises(CheckpointError, match="digest it is named by"):
+        fetch_checkpoint(store, 2, digest, shapes)
+    store.put(meta_key(2, digest), b'{"window": 2, "window": 3}')
+    with pytest.raises(CheckpointError, match="repeats a key"):
+        fetch_checkpoint(store, 2, digest, shapes)
 
 
 class OneLevelStore(MemoryStore):
@@ -73,9 +92,9 @@ class OneLevelStore(MemoryStore):
         return [o for o in super().list(prefix) if "/" not in o.key[len(prefix):]]
 
 
-def test_latest_checkpoint_is_found_by_probing_when_listing_is_shallow():
+def test_checkpoints_are_found_by_probing_when_listing_is_shallow():
     store = OneLevelStore()
-    assert latest_checkpoint(store, every=3) is None
+    assert list(checkpoint_windows(store, every=3)) == []
     for w in range(0, 40, 3):
         publish_checkpoint(store, w, _weights())
-    assert latest_checkpoint(store, every=3) == 39
+    assert list(checkpoint_windows(store, every=3))[:3] == [39, 36, 33]

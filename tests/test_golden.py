@@ -21,7 +21,7 @@ from node.peer import Peer
 from node.progress import read_history
 from protocol.identity import Identity
 from protocol.stores import open_store
-from tests.network import REPO, create_run, last_json_line
+from tests.network import REPO, create_run, last_json_line, small_manifest
 
 GOLDEN = json.loads((Path(__file__).parent / "assets" / "golden.json").read_text())
 
@@ -33,12 +33,13 @@ def _curve(history: list[dict]) -> list[list]:
 def test_three_peers_in_threads_end_on_the_golden_digest(tmp_path):
     """The real ``Peer`` window loop, three replicas in one process (fast enough for every run)."""
     torch.set_num_threads(1)
-    run = create_run(tmp_path)
+    keys = [Identity.from_seed(f"golden-{i}".encode()) for i in range(3)]
+    run = create_run(tmp_path, small_manifest(run__peers=tuple(k.public_key.hex() for k in keys)))
     peers = []
-    for i in range(3):
+    for i, key in enumerate(keys):
         workdir = tmp_path / f"p{i}"
-        Identity.from_seed(f"golden-{i}".encode()).save(workdir / "peer.key")
-        node = NodeConfig(workdir=workdir, min_peers=3, max_windows=3, poll_seconds=0.05)
+        key.save(workdir / "peer.key")
+        node = NodeConfig(workdir=workdir, max_windows=3, poll_seconds=0.05)
         peers.append(Peer(run.manifest, open_store(run.uri), node))
     errors: list[BaseException] = []
 

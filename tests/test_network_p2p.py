@@ -81,7 +81,7 @@ def test_three_p2p_peers_survive_a_killed_peer_and_stay_bit_identical(seed, tmp_
     maddrs = seed.wait_ready()
     uri = "p2p://p2p-test"
     peers = [
-        PeerProcess(tmp_path, f"p{i}", tmp_path / "manifest.toml", uri, windows=4, min_peers=3,
+        PeerProcess(tmp_path, f"p{i}", tmp_path / "manifest.toml", uri, windows=4,
                     extra=["--initial-peers", *maddrs])
         for i in range(3)
     ]

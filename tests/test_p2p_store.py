@@ -43,18 +43,18 @@ def test_peers_keep_working_when_one_of_three_leaves(p2p_store_factory: Factory)
     a = p2p_store_factory()
     b = p2p_store_factory(initial_peers=a.visible_maddrs)
     c = p2p_store_factory(initial_peers=a.visible_maddrs + b.visible_maddrs)
-    a.put("w/a", b"from a")
-    b.put("w/b", b"from b")
-    assert c.get("w/a") == b"from a"
+    a.put("w/a.bin", b"from a")
+    b.put("w/b.bin", b"from b")
+    assert c.get("w/a.bin") == b"from a"
     a.close()
 
-    c.put("w/c", b"from c")
-    assert b.get("w/c") == b"from c"
-    assert c.get("w/b") == b"from b"
-    assert [o.key for o in b.list("w/")] in (["w/a", "w/b", "w/c"], ["w/b", "w/c"])
+    c.put("w/c.bin", b"from c")
+    assert b.get("w/c.bin") == b"from c"
+    assert c.get("w/b.bin") == b"from b"
+    assert [o.key for o in b.list("w/")] in (["w/a.bin", "w/b.bin", "w/c.bin"], ["w/b.bin", "w/c.bin"])
     t0 = time.monotonic()
     with pytest.raises((ObjectNotFound, StoreUnavailable)):
-        b.get("w/a")
+        b.get("w/a.bin")
     assert time.monotonic() - t0 < 10
 
 
@@ -69,16 +69,16 @@ def test_a_late_joiner_fetches_objects_from_the_peers_that_hold_them(p2p_store_f
 def test_held_objects_are_reannounced_past_their_ttl(p2p_store_factory: Factory) -> None:
     a = p2p_store_factory(record_ttl=3.0)
     b = p2p_store_factory(initial_peers=a.visible_maddrs, record_ttl=3.0)
-    a.put("w/kept", b"still here")
+    a.put("w/kept.bin", b"still here")
     time.sleep(4.5)  # records expire after 3 s; the holder re-announces every 1 s
-    assert b.get("w/kept") == b"still here"
+    assert b.get("w/kept.bin") == b"still here"
 
 
 def test_a_record_with_a_bad_signature_is_refused(p2p_store_factory: Factory) -> None:
     a = p2p_store_factory()
     b = p2p_store_factory(initial_peers=a.visible_maddrs)
     good = sign_record(Identity.from_seed(b"x"), KIND, a.run, {
-        "key": "w/forged", "sha256": "0" * 64, "size": 1, "holder": a.peer_id, "addrs": [],
+        "key": "w/forged.bin", "sha256": "0" * 64, "size": 1, "holder": a.peer_id, "addrs": [],
         "created_at": time.time(), "deleted": False,
     })
     forged = bytearray(good)
@@ -89,14 +89,14 @@ def test_a_record_with_a_bad_signature_is_refused(p2p_store_factory: Factory) ->
     assert _store_raw_record(a, "w/", "elsewhere", good) is False  # valid, but under the wrong subkey
     assert _store_raw_record(a, "w/", "forged", b"not a record") is False
     with pytest.raises(ObjectNotFound):
-        b.get("w/forged")
+        b.get("w/forged.bin")
     assert b.list("w/") == []
 
 
 def test_a_record_of_another_run_is_refused(p2p_store_factory: Factory) -> None:
     a = p2p_store_factory()
     other = sign_record(Identity.from_seed(b"x"), KIND, "another-run", {
-        "key": "w/k", "sha256": "0" * 64, "size": 1, "holder": a.peer_id, "addrs": [],
+        "key": "w/k.bin", "sha256": "0" * 64, "size": 1, "holder": a.peer_id, "addrs": [],
         "created_at": time.time(), "deleted": False,
     })
     assert _store_raw_record(a, "w/", "k", other) is False
@@ -105,40 +105,40 @@ def test_a_record_of_another_run_is_refused(p2p_store_factory: Factory) -> None:
 def test_a_holder_serving_wrong_bytes_raises_integrity_error(p2p_store_factory: Factory) -> None:
     a = p2p_store_factory()
     b = p2p_store_factory(initial_peers=a.visible_maddrs)
-    a.put("w/x", b"honest bytes")
-    _tamper(a, "w/x", b"HONEST BYTES")
+    a.put("w/x.bin", b"honest bytes")
+    _tamper(a, "w/x.bin", b"HONEST BYTES")
     with pytest.raises(IntegrityError, match="sha256"):
-        b.get("w/x")
+        b.get("w/x.bin")
 
 
 def test_a_holder_offering_more_than_its_record_is_cut_off(p2p_store_factory: Factory) -> None:
     a = p2p_store_factory()
     b = p2p_store_factory(initial_peers=a.visible_maddrs)
-    a.put("w/small", b"ten bytes!")
-    _tamper(a, "w/small", b"\0" * (8 << 20))
+    a.put("w/small.bin", b"ten bytes!")
+    _tamper(a, "w/small.bin", b"\0" * (8 << 20))
     t0 = time.monotonic()
     with pytest.raises(IntegrityError, match="record says 10"):
-        b.get("w/small", max_bytes=1 << 30)
+        b.get("w/small.bin", max_bytes=1 << 30)
     assert time.monotonic() - t0 < 5
 
 
 def test_the_cap_is_checked_against_the_stream_length(p2p_store_factory: Factory) -> None:
     a = p2p_store_factory()
     b = p2p_store_factory(initial_peers=a.visible_maddrs)
-    a.put("w/small", b"ten bytes!")
-    _tamper(a, "w/small", b"\0" * (8 << 20))
+    a.put("w/small.bin", b"ten bytes!")
+    _tamper(a, "w/small.bin", b"\0" * (8 << 20))
     with pytest.raises(StoreError, match="over the cap of 1024"):
-        b.get("w/small", max_bytes=1024)
+        b.get("w/small.bin", max_bytes=1024)
 
 
 def test_objects_over_the_memory_budget_spill_to_disk(p2p_store_factory: Factory, tmp_path: Any) -> None:
     a = p2p_store_factory(max_memory_bytes=100, spill_dir=str(tmp_path))
     b = p2p_store_factory(initial_peers=a.visible_maddrs)
-    a.put("w/tiny", b"t" * 50)
-    a.put("w/spilled", b"s" * 1000)
+    a.put("w/tiny.bin", b"t" * 50)
+    a.put("w/spilled.bin", b"s" * 1000)
     assert len(list(tmp_path.iterdir())) == 1
-    assert b.get("w/spilled") == b"s" * 1000
-    assert b.get("w/tiny") == b"t" * 50
+    assert b.get("w/spilled.bin") == b"s" * 1000
+    assert b.get("w/tiny.bin") == b"t" * 50
 
 
 def test_open_store_builds_a_p2p_store_and_close_is_idempotent(p2p_store_factory: Factory) -> None:
@@ -146,13 +146,13 @@ def test_open_store_builds_a_p2p_store_and_close_is_idempotent(p2p_store_factory
     b = open_store(StoreSettings(f"p2p://{a.run}", initial_peers=tuple(a.visible_maddrs)))
     try:
         assert isinstance(b, P2PStore) and b.visible_maddrs[0].startswith("/ip4/127.0.0.1/")
-        b.put("w/k", b"v")
-        assert a.get("w/k") == b"v"
+        b.put("w/k.bin", b"v")
+        assert a.get("w/k.bin") == b"v"
     finally:
         b.close()
         b.close()
     with pytest.raises(StoreUnavailable, match="closed"):
-        b.get("w/k")
+        b.get("w/k.bin")
 
 
 def test_bootstrap_peers_travel_in_the_uri() -> None:

@@ -34,10 +34,13 @@ from protocol.identity import Identity
 from protocol.retention import gc_windows
 from protocol.retry import RetryPolicy
 from protocol.stores import StoreSettings, open_store
-from protocol.stores.s3 import PresignedReader, S3Store, _translate
+from protocol.stores.s3 import S3Store, _translate
+from protocol.urlfetch import AddressPolicy, UrlReader
 from tests.conftest import MotoServer, free_port
 
 RUN = "demo@0123456789abcdef"
+LOCAL = AddressPolicy(allow_private=True)
+"""moto listens on 127.0.0.1: only a local run lets announcements point there."""
 
 
 # ---- a scripted S3 lookalike --------------------------------------------------------------
@@ -108,7 +111,7 @@ def test_http_errors_from_the_server_map_to_store_errors(
     aws_test_credentials: None, scripted_server: Callable[..., str], status: int, code: str, expected: type
 ) -> None:
     store = _fast_store(scripted_server(status, code))
-    for call in (lambda: store.get("d/k"), lambda: store.put("d/k", b"x"), lambda: store.list("d/")):
+    for call in (lambda: store.get("d/k.bin"), lambda: store.put("d/k.bin", b"x"), lambda: store.list("d/")):
         with pytest.raises(expected) as info:
             call()
         assert type(info.value) is expected
@@ -120,7 +123,7 @@ def test_connection_refused_maps_to_store_unavailable(aws_test_credentials: None
     store = _fast_store(f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable) as info:
-        store.get("d/k")
+        store.get("d/k.bin")
     assert isinstance(info.value.__cause__, botocore.exceptions.EndpointConnectionError)
     assert time.monotonic() - t0 < 5
 
@@ -131,7 +134,7 @@ def test_server_that_never_answers_maps_to_store_timeout(
     store = _fast_store(scripted_server(hang=True))
     t0 = time.monotonic()
     with pytest.raises(StoreTimeout) as info:
-        store.get("d/k")
+        store.get("d/k.bin")
     assert isinstance(info.value.__cause__, botocore.exceptions.ReadTimeoutError)
     assert time.monotonic() - t0 < 5
 
@@ -164,10 +167,10 @@ def _instances_of_every_botocore_error() -> list[Exception]:
 )
 def test_every_library_error_becomes_a_chained_store_error(error: Exception) -> None:
     with pytest.raises(StoreError) as info:
-        with _translate("get", "d/k"):
+        with _translate("get", "d/k.bin"):
             raise error
     assert info.value.__cause__ is error
-    assert info.value.key == "d/k"
+    assert info.value.key == "d/k.bin"
 
 
 def test_timeouts_are_told_apart_from_unavailability() -> None:
@@ -187,17 +190,17 @@ def test_killed_server_gives_store_errors_quickly_and_restart_recovers(
 ) -> None:
     server = moto_server_factory()
     store = s3_store_factory(server, policy=RetryPolicy(request_timeout=1.0, attempts=2))
-    store.put("d/k", b"before")
+    store.put("d/k.bin", b"before")
     server.kill()
     t0 = time.monotonic()
-    for call in (lambda: store.get("d/k"), lambda: store.put("d/k", b"during"), lambda: store.list("d/")):
+    for call in (lambda: store.get("d/k.bin"), lambda: store.put("d/k.bin", b"during"), lambda: store.list("d/")):
         with pytest.raises((StoreUnavailable, StoreTimeout)):
             call()
     assert time.monotonic() - t0 < 10
     server.restart()  # moto keeps state in memory: the bucket is gone, the endpoint is back
     s3_store_factory(server, bucket=store.bucket)
-    store.put("d/k", b"after")
-    assert store.get("d/k") == b"after"
+    store.put("d/k.bin", b"after")
+    assert store.get("d/k.bin") == b"after"
 
 
 # ---- behaviour on moto --------------------------------------------------------------------
@@ -205,9 +208,9 @@ def test_killed_server_gives_store_errors_quickly_and_restart_recovers(
 
 def test_moto_honours_conditional_writes(s3_store_factory: Callable[..., S3Store]) -> None:
     store = s3_store_factory()
-    assert store.put_if_absent("d/once", b"1") is True
-    assert store.put_if_absent("d/once", b"2") is False
-    assert store.get("d/once") == b"1"
+    assert store.put_if_absent("d/once.bin", b"1") is True
+    assert store.put_if_absent("d/once.bin", b"2") is False
+    assert store.get("d/once.bin") == b"1"
 
 
 def test_missing_bucket_is_named_and_not_retried(
@@ -226,10 +229,10 @@ def test_keys_live_under_the_uri_prefix(moto_server: MotoServer, s3_store_factor
     bucket = s3_store_factory().bucket
     store = open_store(StoreSettings.parse(f"s3://{bucket}/runs/demo?endpoint={moto_server.endpoint_url}&region=us-east-1"))
     assert isinstance(store, S3Store)
-    store.put("windows/000001/x", b"1")
+    store.put("windows/000001/x.bin", b"1")
     raw = boto3.client("s3", endpoint_url=moto_server.endpoint_url, region_name="us-east-1")
-    assert [o["Key"] for o in raw.list_objects_v2(Bucket=bucket)["Contents"]] == ["runs/demo/windows/000001/x"]
-    assert [o.key for o in store.list()] == ["windows/000001/x"]
+    assert [o["Key"] for o in raw.list_objects_v2(Bucket=bucket)["Contents"]] == ["runs/demo/windows/000001/x.bin"]
+    assert [o.key for o in store.list()] == ["windows/000001/x.bin"]
     store.close()
 
 
@@ -247,10 +250,10 @@ def test_store_settings_round_trip_through_a_uri() -> None:
 
 def test_oversized_object_is_refused_before_its_body_is_downloaded(s3_store_factory: Callable[..., S3Store]) -> None:
     store = s3_store_factory()
-    store.put("d/big", b"\0" * (4 << 20))
+    store.put("d/big.bin", b"\0" * (4 << 20))
     before = store.stats.bytes_down
     with pytest.raises(ObjectTooLarge, match="over the cap"):
-        store.get("d/big", max_bytes=1024)
+        store.get("d/big.bin", max_bytes=1024)
     assert store.stats.bytes_down == before
 
 
@@ -268,13 +271,13 @@ def test_large_objects_are_uploaded_in_parts(s3_store_factory: Callable[..., S3S
 def test_gc_deletes_old_windows_but_never_checkpoints(s3_store_factory: Callable[..., S3Store]) -> None:
     store = s3_store_factory()
     keys = [
-        "windows/000001/payloads/a.lsp", "windows/000001/close", "windows/000002/payloads/keep-me",
-        "windows/000003/payloads/a.lsp", "checkpoints/000001/model.safetensors", "windows/notawindow/x",
+        "windows/000001/payloads/a.lsp", "windows/000001/close.lsr", "windows/000002/payloads/keep-me.lsp",
+        "windows/000003/payloads/a.lsp", "checkpoints/000001/model.safetensors", "windows/notawindow/x.bin",
     ]
     for key in keys:
         store.put(key, b"x")
-    deleted = gc_windows(store, keep_from_window=3, protect=lambda key: key.endswith("keep-me"))
-    assert sorted(deleted) == ["windows/000001/close", "windows/000001/payloads/a.lsp"]
+    deleted = gc_windows(store, keep_from_window=3, protect=lambda key: key.endswith("keep-me.lsp"))
+    assert sorted(deleted) == ["windows/000001/close.lsr", "windows/000001/payloads/a.lsp"]
     assert [o.key for o in store.list()] == sorted(set(keys) - set(deleted))
 
 
@@ -290,7 +293,7 @@ def test_presigned_read_of_an_announced_object_checks_the_hash(s3_store_factory:
     blob = make_announcement(identity, RUN, 7, "windows/000007/payloads/peer.lsp", url,
                              hashlib.sha256(data).hexdigest(), len(data))
     ann = read_announcement(blob, RUN, signer=identity.peer_id)
-    reader = PresignedReader(RetryPolicy(request_timeout=5))
+    reader = UrlReader(RetryPolicy(request_timeout=5), LOCAL)
     assert reader.fetch(ann.url, sha256=ann.sha256, size=ann.size) == data
     assert reader.stats.bytes_down == len(data)
 
@@ -304,10 +307,10 @@ def test_presigned_read_of_an_announced_object_checks_the_hash(s3_store_factory:
 def test_presigned_read_refuses_oversize_before_downloading(s3_store_factory: Callable[..., S3Store]) -> None:
     owner = s3_store_factory()
     data = b"y" * (2 << 20)
-    owner.put("d/big", data)
-    reader = PresignedReader(RetryPolicy(request_timeout=5))
+    owner.put("d/big.bin", data)
+    reader = UrlReader(RetryPolicy(request_timeout=5), LOCAL)
     with pytest.raises(ObjectTooLarge, match="over the cap"):
-        reader.fetch(owner.presigned_get_url("d/big"), sha256=hashlib.sha256(data).hexdigest(), max_bytes=1024)
+        reader.fetch(owner.presigned_get_url("d/big.bin"), sha256=hashlib.sha256(data).hexdigest(), max_bytes=1024)
     assert reader.stats.bytes_down == 0
     with pytest.raises(StoreError):
         reader.fetch("file:///etc/passwd", sha256="0" * 64)
@@ -316,12 +319,12 @@ def test_presigned_read_refuses_oversize_before_downloading(s3_store_factory: Ca
 def test_presigned_read_of_a_missing_object_is_not_found(s3_store_factory: Callable[..., S3Store]) -> None:
     owner = s3_store_factory()
     with pytest.raises(ObjectNotFound):
-        PresignedReader(RetryPolicy(request_timeout=5, attempts=1)).fetch(owner.presigned_get_url("d/none"), sha256="0" * 64)
+        UrlReader(RetryPolicy(request_timeout=5, attempts=1), LOCAL).fetch(owner.presigned_get_url("d/none.bin"), sha256="0" * 64)
 
 
 def test_announcement_with_a_bad_signature_is_rejected() -> None:
     identity = Identity.from_seed(b"peer")
-    blob = bytearray(make_announcement(identity, RUN, 3, "d/k", "https://example.org/x", "a" * 64, 10))
+    blob = bytearray(make_announcement(identity, RUN, 3, "d/k.bin", "https://example.org/x", "a" * 64, 10))
     blob[-1] ^= 1
     with pytest.raises(RecordRejected, match="signature"):
         read_announcement(bytes(blob), RUN)
@@ -329,7 +332,7 @@ def test_announcement_with_a_bad_signature_is_rejected() -> None:
 
 def test_announcement_for_another_run_or_signer_is_rejected() -> None:
     identity = Identity.from_seed(b"peer")
-    blob = make_announcement(identity, RUN, 3, "d/k", "https://example.org/x", "a" * 64, 10)
+    blob = make_announcement(identity, RUN, 3, "d/k.bin", "https://example.org/x", "a" * 64, 10)
     with pytest.raises(RecordRejected, match="run"):
         read_announcement(blob, "other@0000000000000000")
     with pytest.raises(RecordRejected, match="signed by"):
@@ -341,7 +344,7 @@ def test_announcement_for_another_run_or_signer_is_rejected() -> None:
     [("url", "file:///etc/passwd"), ("sha256", "XYZ"), ("size", -1), ("window", -2), ("key", "../x")],
 )
 def test_announcement_fields_out_of_range_are_refused(field: str, value: object) -> None:
-    args: dict[str, Any] = {"window": 1, "key": "d/k", "url": "https://e.org/x", "sha256": "b" * 64, "size": 3}
+    args: dict[str, Any] = {"window": 1, "key": "d/k.bin", "url": "https://e.org/x", "sha256": "b" * 64, "size": 3}
     args[field] = value
     with pytest.raises(RecordRejected):
         make_announcement(Identity.from_seed(b"p"), RUN, **args)

@@ -7,13 +7,13 @@ import pytest
 from protocol.errors import RecordRejected
 from protocol.identity import Identity
 from protocol.records import sign_record
+from protocol.paths import score_key
 from protocol.scores import (
     PeerScore,
-    allowed_peers,
     combine,
     make_score_record,
     read_score_record,
-    score_key,
+    read_scores,
 )
 from protocol.stores.memory import MemoryStore
 
@@ -26,7 +26,7 @@ P = [Identity.from_seed(f"peer-{i}".encode()).peer_id for i in range(4)]
 def scores(**overrides: tuple[float, bool]) -> dict[str, PeerScore]:
     table = {P[0]: (0.9, True), P[1]: (0.8, True), P[2]: (0.1, False)}
     table.update({P[int(k[1:])]: v for k, v in overrides.items()})
-    return {p: PeerScore(w, inc, {"gain_unassigned": 0.01, "mu": 25.0}) for p, (w, inc) in table.items()}
+    return {p: PeerScore(w, inc, components={"gain_unassigned": 0.01, "mu": 25.0}) for p, (w, inc) in table.items()}
 
 
 def record(i: int, window: int = 7, **overrides: tuple[float, bool]):
@@ -37,7 +37,7 @@ def test_record_round_trips_with_signer_and_components():
     rec = record(0)
     assert rec.validator == V[0].peer_id and rec.window == 7
     assert rec.included == {P[0], P[1]}
-    assert rec.peers[P[0]] == PeerScore(0.9, True, {"gain_unassigned": 0.01, "mu": 25.0})
+    assert rec.peers[P[0]] == PeerScore(0.9, True, components={"gain_unassigned": 0.01, "mu": 25.0})
 
 
 def test_record_signed_by_untrusted_key_is_refused():
@@ -63,7 +63,7 @@ def _signed_body(body: dict) -> bytes:
     return sign_record(V[0], "scores", RUN, body)
 
 
-GOOD_ENTRY = {"weight": 0.5, "included": True, "components": {"mu": 1.0}}
+GOOD_ENTRY = {"weight": 0.5, "included": True, "standing": False, "components": {"mu": 1.0}}
 
 
 @pytest.mark.parametrize(
@@ -100,52 +100,61 @@ def test_truncated_record_is_refused():
         read_score_record(data[:-1], RUN, TRUSTED)
 
 
-def test_combine_without_records_means_everyone_counts():
-    assert combine([], 3) is None
+def test_combine_without_a_majority_of_all_trusted_validators_is_unusable():
+    assert combine([], TRUSTED) is None
+    assert combine([record(0)], TRUSTED) is None  # one of three published: a fast minority decides nothing
+    assert combine([record(0), record(1)], TRUSTED) is not None
 
 
-def test_combine_takes_median_weight_and_majority_inclusion():
-    out = combine([record(0), record(1, p1=(0.4, False)), record(2, p1=(0.6, True))], 3)
-    assert out == {P[0]: 0.9, P[1]: 0.6}
+def test_combine_takes_median_weight_and_majority_of_all_trusted_inclusion():
+    out = combine([record(0), record(1, p1=(0.4, False)), record(2, p1=(0.6, True))], TRUSTED)
+    assert out.allowed == {P[0]: 0.9, P[1]: 0.6}
 
 
 def test_one_dishonest_validator_among_three_cannot_admit_or_exclude():
     # The dishonest validator excludes honest P0 and admits bad P2 with full weight.
     evil = record(2, p0=(0.0, False), p2=(1.0, True), p3=(1.0, True))
-    out = combine([record(0), record(1), evil], 3)
-    assert set(out) == {P[0], P[1]}
-    assert out[P[0]] == 0.9 and out[P[1]] == 0.8
+    out = combine([record(0), record(1), evil], TRUSTED)
+    assert set(out.allowed) == {P[0], P[1]}
+    assert out.allowed[P[0]] == 0.9 and out.allowed[P[1]] == 0.8
 
 
-def test_peer_absent_from_a_publishing_validator_counts_as_zero_weight():
+def test_a_peer_needs_more_than_half_of_all_trusted_validators_not_of_those_who_published():
     rec0 = record(0)
     rec1 = read_score_record(make_score_record(V[1], RUN, 7, {P[0]: PeerScore(0.7, True)}), RUN, TRUSTED)
-    out = combine([rec0, rec1], 3)
-    # P1 is included by 1 of 2 publishers: not more than half.
-    assert out == {P[0]: pytest.approx(0.8)}
+    out = combine([rec0, rec1], TRUSTED)
+    # P1 is included by one of the three trusted validators: not more than half of all.
+    assert out.allowed == {P[0]: pytest.approx(0.7)}  # median of 0.9, 0.7 and 0 for the silent one
 
 
-def test_combine_refuses_more_signers_than_trusted():
+def test_standing_needs_a_majority_too():
+    standing = {p: PeerScore(0.9, True, standing=True) for p in P[:2]}
+    records = [read_score_record(make_score_record(V[i], RUN, 7, standing), RUN, TRUSTED) for i in range(2)]
+    assert combine(records, TRUSTED).standing == frozenset(P[:2])
+    records[1] = record(1)  # standing=False from the second validator
+    assert combine(records, TRUSTED).standing == frozenset()
+
+
+def test_combine_refuses_a_record_of_an_untrusted_key():
     with pytest.raises(ValueError, match="trusted"):
-        combine([record(0), record(1)], 1)
+        combine([record(0), record(1)], TRUSTED[:1])
 
 
-def test_allowed_peers_reads_lagged_window_and_skips_bad_records():
+def test_read_scores_reads_only_trusted_validators_keys_and_skips_bad_records():
     store = MemoryStore()
-    assert allowed_peers(store, RUN, 9, 2, TRUSTED) is None
+    assert read_scores(store, RUN, 7, TRUSTED) == []
     for i in range(3):
         store.put(score_key(7, V[i].peer_id), make_score_record(V[i], RUN, 7, scores()))
-    # Junk, an untrusted signer, and a replay of window 6 under window 7's prefix are ignored.
+    # Junk, an untrusted signer, and a record under another validator's key are ignored.
     store.put("scores/000007/junk.lsr", b"garbage")
     mallory = Identity.from_seed(b"mallory")
     store.put(score_key(7, mallory.peer_id), make_score_record(mallory, RUN, 7, scores(p2=(1.0, True))))
-    assert allowed_peers(store, RUN, 9, 2, TRUSTED) == {P[0], P[1]}
-    assert allowed_peers(store, RUN, 9, 2, TRUSTED, min_weight=0.85) == {P[0]}
-    assert allowed_peers(store, RUN, 1, 2, TRUSTED) is None
+    assert {r.validator for r in read_scores(store, RUN, 7, TRUSTED)} == {v.peer_id for v in V}
+    assert set(combine(read_scores(store, RUN, 7, TRUSTED), TRUSTED).allowed) == {P[0], P[1]}
 
 
 def test_record_under_another_validators_key_or_window_is_ignored():
     store = MemoryStore()
     store.put(score_key(7, V[1].peer_id), make_score_record(V[0], RUN, 7, scores()))
     store.put(score_key(7, V[2].peer_id), make_score_record(V[2], RUN, 6, scores()))
-    assert allowed_peers(store, RUN, 9, 2, TRUSTED) is None
+    assert read_scores(store, RUN, 7, TRUSTED) == []

@@ -49,60 +49,61 @@ def test_put_then_get_returns_the_same_bytes(pair: tuple[Store, Store]) -> None:
 
 def test_put_overwrites_an_existing_object(pair: tuple[Store, Store]) -> None:
     writer, reader = pair
-    writer.put("d/obj", b"first")
-    writer.put("d/obj", b"second version")
-    assert reader.get("d/obj") == b"second version"
+    writer.put("d/obj.bin", b"first")
+    writer.put("d/obj.bin", b"second version")
+    assert reader.get("d/obj.bin") == b"second version"
 
 
 def test_put_if_absent_writes_only_once(pair: tuple[Store, Store]) -> None:
     writer, reader = pair
-    assert writer.put_if_absent("windows/000002/close", b"winner") is True
-    assert writer.put_if_absent("windows/000002/close", b"loser") is False
-    assert reader.put_if_absent("windows/000002/close", b"late loser") is False
-    assert reader.get("windows/000002/close") == b"winner"
+    assert writer.put_if_absent("windows/000002/once.lsr", b"winner") is True
+    assert writer.put_if_absent("windows/000002/once.lsr", b"loser") is False
+    assert reader.put_if_absent("windows/000002/once.lsr", b"late loser") is False
+    assert reader.get("windows/000002/once.lsr") == b"winner"
 
 
 def test_list_is_sorted_and_limited_to_the_prefix(pair: tuple[Store, Store]) -> None:
     writer, reader = pair
-    for key, data in [("d/c", b"333"), ("d/a", b"1"), ("d/b", b"22"), ("e/a", b"x"), ("dd/a", b"y")]:
+    for key, data in [("d/c.bin", b"333"), ("d/a.bin", b"1"), ("d/b.bin", b"22"), ("e/a.bin", b"x"), ("dd/a.bin", b"y")]:
         writer.put(key, data)
     listed = reader.list("d/")
-    assert [(o.key, o.size) for o in listed] == [("d/a", 1), ("d/b", 2), ("d/c", 3)]
+    assert [(o.key, o.size) for o in listed] == [("d/a.bin", 1), ("d/b.bin", 2), ("d/c.bin", 3)]
     assert all(o.modified > 0 for o in listed)
-    assert [o.key for o in reader.list("d/b")] == ["d/b"]
+    assert [o.key for o in reader.list("d/b.bin")] == ["d/b.bin"]
     assert reader.list("nothing/") == []
 
 
 def test_delete_removes_and_is_idempotent(pair: tuple[Store, Store]) -> None:
     writer, reader = pair
-    writer.put("d/gone", b"bye")
-    writer.delete("d/gone")
-    writer.delete("d/gone")
-    writer.delete("d/never-existed")
+    writer.put("d/gone.bin", b"bye")
+    writer.delete("d/gone.bin")
+    writer.delete("d/gone.bin")
+    writer.delete("d/never-existed.bin")
     with pytest.raises(ObjectNotFound):
-        reader.get("d/gone")
-    assert not reader.exists("d/gone")
+        reader.get("d/gone.bin")
+    assert not reader.exists("d/gone.bin")
     assert reader.list("d/") == []
 
 
 def test_missing_key_raises_object_not_found(pair: tuple[Store, Store]) -> None:
     _, reader = pair
     with pytest.raises(ObjectNotFound) as info:
-        reader.get("d/missing")
-    assert info.value.key == "d/missing"
+        reader.get("d/missing.bin")
+    assert info.value.key == "d/missing.bin"
 
 
 def test_get_over_max_bytes_is_refused(pair: tuple[Store, Store]) -> None:
     writer, reader = pair
-    writer.put("d/big", b"x" * 1000)
+    writer.put("d/big.bin", b"x" * 1000)
     with pytest.raises(StoreError) as info:
-        reader.get("d/big", max_bytes=999)
+        reader.get("d/big.bin", max_bytes=999)
     assert not isinstance(info.value, ObjectNotFound)
     assert "cap" in str(info.value)
-    assert reader.get("d/big", max_bytes=1000) == b"x" * 1000
+    assert reader.get("d/big.bin", max_bytes=1000) == b"x" * 1000
 
 
-INVALID_KEYS = ["../escape", "/absolute", "a//b", "a/./b", "a/../b", "", "sp ace", "a/", "é", "k" * 513]
+INVALID_KEYS = ["../escape.bin", "/absolute.bin", "a//b.bin", "a/./b.bin", "a/../b.bin", "", "sp ace.bin", "a/", "é.bin",
+                "k" * 513 + ".bin", "no-extension", "windows/000001/payloads", "a/x.lsp/nested.bin"]
 
 
 def test_invalid_keys_are_refused(pair: tuple[Store, Store]) -> None:

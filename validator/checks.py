@@ -8,8 +8,10 @@ Each check returns a ``Verdict``: ``ok``, a short stable ``check`` label (used a
             (``protocol.wire``); ``verdict_from_rejection`` turns its typed error into a
             verdict so every refusal is reported the same way.
 - norms:    computed from the codes (``protocol.aggregate.tensor_norm``), never densified.
-            Zero or below ``min_fraction`` x the window's median is an empty update;
-            NaN/inf or above ``max_factor`` x median is garbage.
+            Zero or below ``min_fraction`` x the median is an empty update; NaN/inf or
+            above ``max_factor`` x the median is garbage. The median is taken over the peers
+            with standing (the decision flags them), so a swarm of fresh keys sending huge
+            norms cannot make the honest peers look tiny.
 - copies:   two payloads with identical index and code bytes (scales ignored, so a
             rescaled copy is caught), or whose sampled chunk index sets overlap almost
             entirely (Jaccard) with agreeing signs, are copies; the later upload (store
@@ -27,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,15 +120,19 @@ def _is_empty(tensors: Mapping[str, CompressedTensor]) -> bool:
 
 
 def check_norms(
-    norms: Mapping[str, float], *, min_fraction: float = 0.05, max_factor: float = 10.0
+    norms: Mapping[str, float], *, min_fraction: float = 0.05, max_factor: float = 10.0,
+    reference: Collection[str] | None = None,
 ) -> dict[str, Verdict]:
     """Per peer: refuse non-finite, zero, far-below-median or far-above-median update norms.
 
-    The median is over the window's finite norms, so one garbage peer cannot move it much.
-    The relative checks need three or more peers to bite: with one peer the median is its
-    own norm, and with two a single outlier pulls the median halfway towards itself.
+    The median is over the finite norms of the peers in ``reference`` (all peers when none of
+    them is present, or when None). Without a reference the relative checks need three or
+    more peers to bite: with one peer the median is its own norm, and with two a single
+    outlier pulls the median halfway towards itself.
     """
-    finite = [n for n in norms.values() if math.isfinite(n)]
+    finite = [n for p, n in norms.items() if math.isfinite(n) and (reference is None or p in reference)]
+    if not finite:
+        finite = [n for n in norms.values() if math.isfinite(n)]
     median = statistics.median(finite) if finite else 0.0
     out = {}
     for peer, n in norms.items():
@@ -227,6 +233,7 @@ def check_window(
     min_fraction: float = 0.05,
     max_factor: float = 10.0,
     min_jaccard: float = 0.8,
+    reference: Collection[str] | None = None,
 ) -> dict[str, Verdict]:
     """Every check above for one window's decoded payloads: each peer's first failure, or PASS.
 
@@ -241,7 +248,8 @@ def check_window(
         elif _is_empty(s.tensors):
             out[s.peer] = Verdict(False, "empty", "update is all zeros")
     norms = {s.peer: payload_norm(s.tensors) for s in subs if s.peer not in out}
-    out.update({p: v for p, v in check_norms(norms, min_fraction=min_fraction, max_factor=max_factor).items() if not v.ok})
+    out.update({p: v for p, v in check_norms(norms, min_fraction=min_fraction, max_factor=max_factor,
+                                             reference=reference).items() if not v.ok})
     remaining = [s for s in subs if s.peer not in out]
     out.update(find_copies(remaining, seed=seed, min_jaccard=min_jaccard))
     return {s.peer: out.get(s.peer, PASS) for s in subs}

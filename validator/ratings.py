@@ -239,7 +239,9 @@ class Ratings:
                 comp.update(mu=st.mu, sigma=st.sigma)
                 if st.evidence_ema is not None:
                     comp["evidence_ema"] = st.evidence_ema
-            out[peer] = PeerScore(self.weight(peer), self.included(peer, ok), comp)
+            included = self.included(peer, ok)
+            standing = included and st is not None and st.rated_windows >= self.params.provisional_windows
+            out[peer] = PeerScore(self.weight(peer), included, standing, comp)
         return out
 
     def save(self, path: str | os.PathLike) -> None:

@@ -28,22 +28,23 @@ import numpy as np
 import torch
 
 from node.accounting import Accounting
-from node.checkpoint import latest_checkpoint
 from node.dataset import TokenData
 from protocol.assignment import assigned_batches, unassigned_batches
-from node.exchange import Exchange
-from node.follow import Follower, check_base, checkpoint_replica
+from node.closing import Closing
+from node.exchange import Exchange, address_policy
+from node.follow import Follower, check_base
 from node.model import build_model, heldout_loss, param_shapes
 from node.replica import Replica
 from node.state import LocalState, load_local_state, save_local_state
-from protocol.close import CloseRecord
+from protocol.consensus import Decision
 from protocol.codec_types import model_layout
-from protocol.errors import CheckpointError, PayloadRejected, RecordRejected, StoreError
+from protocol.errors import RETRYABLE, PayloadRejected, PayloadUnavailable
 from protocol.identity import Identity
 from protocol.manifest import Manifest
-from protocol.scores import make_score_record, score_key
+from protocol.paths import score_key
+from protocol.scores import make_score_record
 from protocol.stores.base import Store
-from protocol.wire import Expectation, Payload, decode_payload
+from protocol.wire import Payload
 from validator.checks import Submission, Verdict, check_window, verdict_from_rejection
 from validator.dashboard import Dashboard, DashboardState
 from validator.evaluate import evaluate_payload, mean_loss
@@ -80,12 +81,18 @@ class Validator:
         self.model = build_model(manifest.model, self.data.vocab_size, manifest.data.seq_len, manifest.run.seed)
         self.shapes = param_shapes(self.model)
         self.layouts = model_layout(self.shapes, manifest.codec)
-        self.exchange = Exchange(store, identity, self.run_key, Accounting())
+        self.acct = Accounting()
+        self.exchange = Exchange(store, identity, self.run_key, self.acct, addresses=address_policy(manifest))
         ratings_path = cfg.workdir / "ratings.json"
         self.ratings = Ratings.load(ratings_path) if ratings_path.exists() else Ratings()
         self.dashboard = dashboard or DashboardState(self.run_key, identity.peer_id)
         self.follower = Follower(manifest, store, self.exchange, self._restore(), self.layouts)
+        if self.follower.replica.window == 0 and self.follower.jump_to_checkpoint():
+            log.info("validator starting from the verified checkpoint of window %d", self.replica.window)
         self.replica.load_into(self.model)
+        self.closing = (Closing(store, manifest, identity, self.exchange, self.acct)
+                        if identity.public_key.hex() in manifest.closers else None)
+        """Set when this validator is one of the run's closers: it takes part in deciding windows."""
 
     @property
     def replica(self) -> Replica:
@@ -96,49 +103,50 @@ class Validator:
         return self.cfg.workdir / "state.safetensors"
 
     def _restore(self) -> Replica:
+        """Resume from our state, else start from genesis (a pure function of the manifest)."""
         state = load_local_state(self.state_file)
         if state is not None:
             log.info("validator resumed at window %d", state.window)
             return Replica(state.weights, state.window)
-        window = latest_checkpoint(self.store, self.manifest.run.checkpoint_every)
-        if window is None:
-            raise CheckpointError(f"no published checkpoint in {self.store.uri}; run `locoswarm init`")
-        return checkpoint_replica(self.store, window, self.shapes)
+        return Replica(dict(self.model.named_parameters()), 0)
 
     # ------------------------------------------------------------------ one window
-    def _expect(self, window: int, peer: str) -> Expectation:
-        return Expectation(run=self.run_key, window=window, layouts=self.layouts, codec=self.manifest.codec,
-                           max_bytes=self.manifest.outer.max_payload_bytes, peer_id=peer,
-                           base_digest=self.replica.digest)
-
     def _decode_all(self, window: int) -> tuple[dict[str, Payload], dict[str, Verdict], dict[str, float], dict[str, int]]:
         """Every payload published for the window, decoded; refusals become verdicts."""
         payloads, verdicts, modified, sizes = {}, {}, {}, {}
-        for peer, info in self.exchange.present(window).items():
+        expect = self.follower.expectation(window)
+        for peer, info in self.exchange.present(window, expect.max_bytes).items():
             try:
-                data = self.exchange.download(window, peer, self.manifest.outer.max_payload_bytes)
-                sizes[peer] = len(data)
-                payloads[peer] = decode_payload(data, self._expect(window, peer))
-                modified[peer] = info.modified
+                payload, _ = self.exchange.verify(peer, expect)
             except PayloadRejected as exc:
                 verdicts[peer] = verdict_from_rejection(exc)
                 log.info("window %d: %s rejected: %s", window, peer, exc.reason)
-            except (StoreError, RecordRejected) as exc:
-                verdicts[peer] = Verdict(False, "unavailable", f"payload could not be fetched: {exc}")
+                continue
+            except PayloadUnavailable as exc:
+                verdicts[peer] = Verdict(False, "unavailable", f"payload could not be fetched: {exc.reason}")
+                continue
+            payloads[peer], sizes[peer] = payload, payload.size
+            # Only a store's own clock says when an upload happened; a p2p record's is the writer's claim.
+            modified[peer] = info.modified if self.store.trusted_clock else float("-inf")
         return payloads, verdicts, modified, sizes
 
     def _batches(self, ids: np.ndarray) -> torch.Tensor:
         return torch.stack([self.data.batch(row) for row in ids])
 
-    def score_window(self, close: CloseRecord) -> dict[str, Verdict]:
-        """Check, evaluate and rate every payload of ``close.window``; publish the record."""
-        w = close.window
+    def score_window(self, decision: Decision) -> dict[str, Verdict]:
+        """Check, evaluate and rate every payload of ``decision.window``; publish the record.
+
+        On time means stored before the window's deadline as the run's schedule has it (the
+        agreed close of the window before + ``window_seconds``), never as a closer claims.
+        """
+        w = decision.window
         payloads, verdicts, modified, sizes = self._decode_all(w)
-        material = hashlib.sha256(f"{self.run_key}|{w}|".encode() + "".join(i.sha256 for i in close.included).encode()).digest()
+        material = hashlib.sha256(f"{self.run_key}|{w}|".encode() + "".join(i.sha256 for i in decision.included).encode()).digest()
         copy_seed = int.from_bytes(hashlib.sha256(self.identity.sign(f"copies|{self.run_key}|{w}".encode())).digest()[:8], "big")
         subs = [Submission.of(p, modified[peer]) for peer, p in payloads.items()]
-        grace = self.manifest.run.grace_seconds
-        verdicts.update(check_window(subs, close_time=close.closed_at + grace, seed=copy_seed))
+        on_time_until = max(self.follower.deadline(w), decision.closed_at) + self.manifest.run.grace_seconds
+        verdicts.update(check_window(subs, close_time=on_time_until, seed=copy_seed,
+                                     reference=decision.value.standing))
         passing = sorted(p for p, v in verdicts.items() if v.ok)
         sample = passing if len(passing) <= self.cfg.max_evaluations else sorted(
             random.Random(material).sample(passing, self.cfg.max_evaluations))
@@ -174,38 +182,58 @@ class Validator:
                  sorted(p for p, s in table.items() if s.included))
         return verdicts
 
-    def step(self, close: CloseRecord) -> dict[str, Verdict]:
-        """Score window ``close.window``, then apply it exactly as the peers did."""
-        check_base(self.replica, close)
-        verdicts = self.score_window(close)
-        self.follower.advance(close, self.follower.gather(close))
+    def step(self, decision: Decision) -> dict[str, Verdict]:
+        """Score window ``decision.window``, then apply it exactly as the peers did."""
+        check_base(self.replica, decision)
+        verdicts = self.score_window(decision)
+        while True:
+            try:
+                gathered = self.follower.gather(decision)
+                break
+            except PayloadUnavailable as exc:  # never apply a window without a counted payload
+                log.warning("window %d: waiting for a counted payload: %s", decision.window, exc)
+                time.sleep(max(1.0, self.cfg.poll_seconds * 5))
+        self.follower.advance(decision, gathered)
         self.replica.load_into(self.model)
         heldout = heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
-        self.dashboard.finish_window(close.window, heldout_loss=heldout,
-                                     payload_bytes={i.peer_id: i.size for i in close.included})
+        self.dashboard.finish_window(decision.window, heldout_loss=heldout,
+                                     payload_bytes={i.peer_id: i.size for i in decision.included})
         save_local_state(self.state_file, LocalState(self.replica.window, self.replica.params, {}, {},
                                                      {"heldout_loss": heldout}))
         return verdicts
 
+    def next_decision(self) -> Decision | None:
+        """The decision of the window we are at: read it (jumping to a verified checkpoint
+        when our window is gone), or, as one of the closers, take part in making it."""
+        jumps = self.follower.jumps
+        decision = self.follower.next_decided()
+        if self.follower.jumps != jumps:
+            self.replica.load_into(self.model)
+        if decision is None and self.closing is not None:
+            w = self.replica.window
+            decision = self.closing.poll(w, self.follower.expectation(w), deadline=self.follower.deadline(w),
+                                         expected=self.follower.expected(w))
+        return decision
+
     def run(self) -> None:
         while not self.cfg.max_windows or self.replica.window < self.cfg.max_windows:
-            jumps = self.follower.jumps
-            close = self.follower.next_closed()
-            if self.follower.jumps != jumps:
-                self.replica.load_into(self.model)
-            if close is None:
+            try:
+                decision = self.next_decision()
+            except RETRYABLE as exc:
+                log.warning("store unavailable: %s", exc)
+                decision = None
+            if decision is None:
                 time.sleep(self.cfg.poll_seconds)
                 continue
-            self.step(close)
+            self.step(decision)
 
 
-def run_validator(manifest: Manifest, store: Store, args: argparse.Namespace) -> int:
+def run_validator(manifest: Manifest, store: Store, args: argparse.Namespace, identity: Identity) -> int:
     """``locoswarm validator``: serve the dashboard and validate until done."""
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    identity = Identity.load_or_create(Path(args.key) if args.key else workdir / "validator.key")
     if identity.public_key.hex() not in {k.lower() for k in manifest.validators.keys}:
         log.warning("this validator's key %s is not trusted by the run's manifest: peers will ignore its scores",
                     identity.public_key.hex())

@@ -14,15 +14,29 @@ from dataclasses import dataclass
 
 from protocol.errors import InvalidKey
 
-_KEY = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_KEY = re.compile(r"^([A-Za-z0-9_-]+/)*[A-Za-z0-9_-][A-Za-z0-9._-]*\.[A-Za-z0-9_-]+$")
+_DIRECTORY = re.compile(r"^([A-Za-z0-9_-]+/)*$")
 MAX_KEY_CHARS = 512
 
 
 def check_key(key: str) -> str:
-    """Refuse keys that could escape the run prefix or that some backend cannot store."""
-    if len(key) > MAX_KEY_CHARS or not _KEY.match(key) or any(p in (".", "..") for p in key.split("/")):
+    """Refuse keys that could escape the run prefix, that some backend cannot store, or that
+    could nest one object inside another.
+
+    Directory parts are letters, digits, '-' and '_'; the last part is a file name with an
+    extension. So no object's key is ever a directory of another one: nobody can turn a
+    payload key into a directory (``<key>/x``) and keep its owner from publishing.
+    """
+    if len(key) > MAX_KEY_CHARS or not _KEY.match(key):
         raise InvalidKey("invalid object key", key=key)
     return key
+
+
+def check_directory(directory: str) -> str:
+    """Refuse a directory (``a/b/``, or ``""`` for the top) no key could live in."""
+    if len(directory) > MAX_KEY_CHARS or not _DIRECTORY.match(directory):
+        raise InvalidKey("invalid directory", key=directory)
+    return directory
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,9 @@ class Store(ABC):
     """put/get/list/delete of immutable objects under one run prefix."""
 
     uri: str
+    trusted_clock: bool = True
+    """Whether ``ObjectInfo.modified`` comes from the store itself (a server or file system
+    clock nobody else sets) rather than from the writer's claim."""
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:

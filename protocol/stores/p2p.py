@@ -21,8 +21,12 @@ Layout of one object ``a/b/name``:
 
 Trust: every record is verified (signature, run, schema, and that it sits under the DHT
 key and subkey its ``key`` names) when another peer asks us to store it (a DHT record
-validator) and again when we read it. Any peer may write any key: the DHT has no owners,
-so consumers verify the signed objects themselves (payloads are signed).
+validator) and again when we read it. Keys that name a peer (``protocol.paths.owner``:
+payloads, announcements, consensus records, decisions, scores) are bound to that peer: a
+record for them is valid only when that peer signed it, so nobody can re-point another
+peer's key. Other keys (checkpoints, data, blobs) are verified by their content. The
+records' ``created_at`` is the writer's claim, so ``trusted_clock`` is False: nothing may
+order uploads by it.
 
 Limits, by design of a DHT: ``put_if_absent`` is get-then-store, best-effort and not
 atomic; ``list(prefix)`` answers one directory level (``windows/000012/payloads/`` lists
@@ -47,6 +51,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from protocol import paths
 from protocol.errors import (
     IntegrityError,
     ObjectNotFound,
@@ -63,6 +68,7 @@ from protocol.stores.base import (
     MAX_KEY_CHARS,
     ObjectInfo,
     Store,
+    check_directory,
     check_key,
 )
 
@@ -134,6 +140,9 @@ def parse_record(data: bytes, run: str) -> ObjectRecord:
         raise RecordRejected(f"{KIND} record size must not be negative")
     if not 0 < len(holder) <= 128 or len(addrs) > MAX_ADDRS:
         raise RecordRejected(f"{KIND} record holder or address list has an invalid length")
+    bound = paths.owner(key)
+    if bound is not None and bound != record.peer_id:
+        raise RecordRejected(f"{KIND} record for {key[:80]!r} is signed by {record.peer_id}, not by its owner {bound}")
     if not all(isinstance(a, str) and len(a) <= 256 for a in addrs):
         raise RecordRejected(f"{KIND} record addresses must be strings of at most 256 characters")
     return ObjectRecord(key, sha256, size, holder, tuple(addrs), float(created_at), deleted, record.peer_id)
@@ -214,6 +223,8 @@ def _translate(op: str, key: str | None) -> Iterator[None]:
 
 class P2PStore(Store):
     """Objects announced in hivemind's DHT and served from the writer over libp2p streams."""
+
+    trusted_clock = False
 
     def __init__(
         self,
@@ -491,8 +502,7 @@ class P2PStore(Store):
         """Objects directly in the directory ``prefix`` names (up to its last '/') whose
         names start with the rest of ``prefix``; subdirectories are not walked."""
         directory, partial = _directory(prefix)
-        if directory:
-            check_key(directory.rstrip("/"))
+        check_directory(directory)
         records = self._call("list", prefix, self._lookup_dir(directory))
         out = [
             ObjectInfo(r.key, r.size, r.created_at)

@@ -15,7 +15,7 @@ What this module adds on top of boto3, and why:
   honoured by AWS S3 (since 2024), R2, MinIO and moto's server.
 - **Read access without sharing secrets.** A peer that owns its bucket hands out
   ``presigned_get_url`` links inside a signed announcement (``protocol/announce.py``);
-  ``PresignedReader`` fetches them over plain HTTP(S) and checks the announced sha256.
+  ``protocol/urlfetch.py`` fetches them, bounded, and checks the announced sha256.
 - **Accounting.** ``stats`` counts bytes and seconds spent uploading and downloading.
 
 """
@@ -23,14 +23,11 @@ What this module adds on top of boto3, and why:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,7 +42,6 @@ from botocore.config import Config
 from protocol.errors import (
     AccessDenied,
     BucketNotFound,
-    IntegrityError,
     ObjectNotFound,
     ObjectTooLarge,
     StoreError,
@@ -338,74 +334,3 @@ class S3Store(Store):
 
     def close(self) -> None:
         self._client.close()
-
-
-class PresignedReader:
-    """Fetches objects from presigned (or any plain HTTP(S)) URLs and checks their hash.
-
-    Uses only urllib; refuses every scheme other than http/https (``file://`` from a hostile
-    announcement would otherwise read local files)."""
-
-    def __init__(self, policy: RetryPolicy | None = None):
-        """``policy``: the request timeout (connect and each read) and the retries of a fetch."""
-        self.policy = policy or RetryPolicy()
-        self._accounting = _Accounting()
-
-    @property
-    def stats(self) -> TransferStats:
-        return self._accounting.snapshot()
-
-    def fetch(self, url: str, *, sha256: str, size: int | None = None, max_bytes: int | None = None) -> bytes:
-        """GET ``url``; refuse a body over ``max_bytes`` (from Content-Length, then while reading)
-        and raise ``IntegrityError`` unless it matches ``size`` and ``sha256``."""
-        if not url.startswith(("http://", "https://")):
-            raise StoreError(f"refusing to fetch a non-HTTP URL: {url[:64]!r}")
-        if size is not None and max_bytes is not None and size > max_bytes:
-            raise ObjectTooLarge(f"announced size {size} is over the cap of {max_bytes}", key=url.split("?", 1)[0])
-        data = self.policy.call(lambda: self._fetch_once(url, size, max_bytes), what="GET of a presigned URL")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha256:
-            raise IntegrityError(f"sha256 is {digest}, the announcement says {sha256}", key=url.split("?", 1)[0])
-        return data
-
-    def _fetch_once(self, url: str, size: int | None, max_bytes: int | None) -> bytes:
-        """One GET. A length other than ``size`` is an ``IntegrityError``, one over ``max_bytes``
-        a ``StoreError``; both are checked on Content-Length and again while reading."""
-        shown = url.split("?", 1)[0]
-
-        def check(length: int, done: bool) -> None:
-            if max_bytes is not None and length > max_bytes:
-                raise ObjectTooLarge(f"object is at least {length} bytes, over the cap of {max_bytes}", key=shown)
-            if size is not None and (length > size or (done and length != size)):
-                raise IntegrityError(f"object is at least {length} bytes, the announcement says {size}", key=shown)
-
-        t0 = time.perf_counter()
-        try:
-            with urllib.request.urlopen(url, timeout=self.policy.request_timeout) as response:  # noqa: S310 (scheme checked)
-                length = response.headers.get("Content-Length")
-                if length is not None and length.isdigit():
-                    check(int(length), done=True)
-                out = bytearray()
-                while chunk := response.read(READ_CHUNK):
-                    out += chunk
-                    check(len(out), done=False)
-                check(len(out), done=True)
-                data = bytes(out)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise ObjectNotFound("no such object behind the URL", key=shown) from exc
-            if exc.code == 403:
-                raise AccessDenied("access denied: the presigned URL is expired or invalid", key=shown) from exc
-            if exc.code >= 500:
-                raise StoreUnavailable(f"server error {exc.code}", key=shown) from exc
-            raise StoreError(f"request refused with {exc.code}", key=shown) from exc
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                raise StoreTimeout(f"no answer in time: {exc.reason}", key=shown) from exc
-            raise StoreUnavailable(f"connection failed: {exc.reason}", key=shown) from exc
-        except (TimeoutError, socket.timeout) as exc:
-            raise StoreTimeout(f"no answer in time: {exc}", key=shown) from exc
-        except OSError as exc:
-            raise StoreUnavailable(f"connection failed: {exc}", key=shown) from exc
-        self._accounting.add(down=len(data), seconds_down=time.perf_counter() - t0)
-        return data
