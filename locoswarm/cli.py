@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard-port", type=int, default=0, help="dashboard port on 127.0.0.1 (0 = any free)")
     p.add_argument("--dashboard-host", default="127.0.0.1")
 
+    p = sub.add_parser("health", help="exit 0 if the peer or validator using WORKDIR wrote progress recently, "
+                                      "else 1 with the reason (a container healthcheck)")
+    p.add_argument("--workdir", required=True, help="the --workdir of the peer or validator to check")
+    p.add_argument("--max-age", type=float, default=900.0,
+                   help="seconds since its last write before it counts as stuck (default 900; "
+                        "use a few window lengths)")
+
     p = sub.add_parser("bench", help="benchmarks that print one JSON object per line")
     bench = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     b = bench.add_parser("codec", help="payload size, error and speed vs the reference format")
@@ -134,6 +141,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from locoswarm.inspect import run
 
         return run(args.file)
+    if args.command == "health":
+        from locoswarm.health import run
+
+        return run(args.workdir, args.max_age)
     if args.command == "bench":
         if args.bench == "codec":
             from bench.codec import run
