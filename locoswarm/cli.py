@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: fp32 all-reduce or LoCo 4-bit between ranks (default: the manifest's)")
 
     p = command("keygen", "make an ed25519 identity for a peer or a validator and print its public key")
-    p.add_argument("--out", required=True, help="where to write the private key (mode 0600; back it up)")
+    p.add_argument("--out", required=True, action="append",
+                   help="where to write the private key (mode 0600; back it up); repeat for several identities")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="keep a key file that exists (print its public key) instead of refusing")
 
     p = command("inspect", "show what a payload file holds, or why it is rejected (exit 2)")
     p.add_argument("file", help="a payload object (.lsp)")
@@ -143,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard-port", type=int, default=0, help="dashboard port (default 0: any free port)")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="dashboard address (default 127.0.0.1; expose it only behind a proxy you control)")
+
+    p = command("health", "exit 0 if the peer or validator using WORKDIR wrote progress recently, "
+                          "else 1 with the reason (a container healthcheck)")
+    p.add_argument("--workdir", required=True, help="the --workdir of the peer or validator to check")
+    p.add_argument("--max-age", type=float, default=900.0,
+                   help="seconds since its last write before it counts as stuck (default 900; "
+                        "use a few window lengths)")
 
     p = command("bench", "benchmarks that print one JSON object per line (locoswarm bench NAME --help)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="NAME and its arguments: codec, convergence, wan")
@@ -190,7 +200,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run(args.file)
     if args.command == "keygen":
-        return _keygen(args.out)
+        return _keygen(args.out, exist_ok=args.exist_ok)
+    if args.command == "health":
+        from locoswarm.health import run as health
+
+        return health(args.workdir, args.max_age)
     if args.command == "bench":
         from bench import main as bench_main
 
@@ -204,20 +218,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     return run_command(args, settings)
 
 
-def _keygen(out: str) -> int:
-    """Create a key file (refusing to overwrite one) and print what a run operator needs."""
+def _keygen(outs: list[str], *, exist_ok: bool) -> int:
+    """Create key files (never overwriting one) and print what a run operator needs."""
     from pathlib import Path
 
     from protocol.identity import Identity
 
-    path = Path(out)
-    if path.exists():
-        raise IdentityError(f"{path} exists; refusing to overwrite an identity (move it away first)")
-    identity = Identity.generate()
-    identity.save(path)
-    print(f"public key  {identity.public_key.hex()}")
-    print(f"peer id     {identity.peer_id}")
-    print(f"private key {path.resolve()} (back it up: whoever holds it is this peer)")
+    for out in outs:
+        path = Path(out)
+        if path.exists() and not exist_ok:
+            raise IdentityError(f"{path} exists; refusing to overwrite an identity (move it away, or --exist-ok)")
+        identity = Identity.load(path) if path.exists() else Identity.generate()
+        identity.save(path)
+        print(f"public key  {identity.public_key.hex()}")
+        print(f"peer id     {identity.peer_id}")
+        print(f"private key {path.resolve()} (back it up: whoever holds it is this peer)")
     return 0
 
 
