@@ -125,3 +125,16 @@ def test_score_table_carries_weight_inclusion_and_components():
     assert table["good0"].components["score"] == 0.5 and "x" not in table["good0"].components
     assert {"mu", "sigma", "evidence_ema"} <= set(table["good0"].components)
     assert table["good0"].weight == ratings.weight("good0")
+
+
+@pytest.mark.parametrize("reference", [None, {"good0", "good1", "good2"}])
+def test_a_swarm_of_weak_keys_lowers_the_bar_only_without_a_reference(reference):
+    """20 fresh keys whose updates barely help make a weak newcomer look typical, unless the
+    relative floors are referenced to the peers with standing."""
+    swarm = [f"sybil{i}" for i in range(20)]
+    ratings = Ratings()
+    scores = {**dict.fromkeys(GOOD, 1.0), **dict.fromkeys(swarm, 0.01), "weak": 0.1}
+    evidence = {**dict.fromkeys(GOOD, 1.0), **dict.fromkeys(swarm, 0.01), "weak": 0.1}
+    ratings.update(0, scores, evidence=evidence, reference=reference)
+    assert ratings.included("good0", True)
+    assert ratings.included("weak", True) is (reference is None)

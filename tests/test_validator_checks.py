@@ -95,6 +95,40 @@ def test_independent_payloads_are_not_copies():
     assert find_copies(honest_window(6), seed=3) == {}
 
 
+def _flip_signs(tensors: dict[str, CompressedTensor], share: float, seed: int) -> dict[str, CompressedTensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: dataclasses.replace(c, codes=c.codes ^ ((torch.rand(c.codes.shape, generator=gen) < share).to(torch.uint8) << 1))
+            for n, c in tensors.items()}
+
+
+@pytest.mark.parametrize("share", [0.07, 0.5, 1.0])
+def test_copy_with_flipped_signs_is_still_a_copy(share: float):
+    """Flipping signs (a few, half, or all: a negated copy) leaves the positions someone else found."""
+    original = payload(10)
+    copies = find_copies([sub("early", original, 10.0), sub("late", _flip_signs(original, share, 1), 20.0)], seed=2)
+    assert set(copies) == {"late"}
+    assert "sign agreement" in copies["late"].reason
+
+
+def test_replaying_the_previous_aggregate_is_a_copy():
+    previous = payload(11)
+    subs = honest_window() + [sub("replay", _flip_signs(previous, 0.05, 2), 950.0)]
+    verdicts = check_window(subs, close_time=CLOSE, seed=7, previous=previous)
+    assert verdicts["replay"].check == "copy" and "previous window" in verdicts["replay"].reason
+    assert all(verdicts[f"peer{i}"] == PASS for i in range(4))
+
+
+def test_norm_yardstick_is_only_set_by_peers_with_standing():
+    """Fresh keys sending huge norms cannot make a standing peer look tiny; with no standing
+    peer present, only the absolute checks run."""
+    norms = {"standing": 1.0, **{f"sybil{i}": 50.0 for i in range(20)}}
+    verdicts = check_norms(norms, reference={"standing"})
+    assert verdicts["standing"].ok and all(verdicts[f"sybil{i}"].check == "huge_norm" for i in range(20))
+    absent = check_norms({"newcomer": 1.0, **{f"sybil{i}": 50.0 for i in range(20)}, "zero": 0.0},
+                         reference={"standing"})
+    assert absent["newcomer"].ok and absent["sybil0"].ok and absent["zero"].check == "empty"
+
+
 def test_all_zero_payload_is_empty():
     zeros = {n: dataclasses.replace(c, scale_q=torch.full_like(c.scale_q, SCALE_ZERO_CODE)) for n, c in payload(5).items()}
     verdicts = check_window(honest_window() + [sub("lazy", zeros)], close_time=CLOSE, seed=7)

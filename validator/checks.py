@@ -13,13 +13,15 @@ Each check returns a ``Verdict``: ``ok``, a short stable ``check`` label (used a
             with standing (the decision flags them), so a swarm of fresh keys sending huge
             norms cannot make the honest peers look tiny.
 - copies:   two payloads with identical index and code bytes (scales ignored, so a
-            rescaled copy is caught), or whose sampled chunk index sets overlap almost
-            entirely (Jaccard) with agreeing signs, are copies; the later upload (store
-            modified time, then the header's ``created_at``) is the copier. Honest peers
-            share some large coordinates: peers trained from the same weights on different
-            data overlapped with Jaccard 0.06-0.07 (sign agreement 0.98) in our measurement
-            (docs/validator.md), so the default 0.8 leaves a wide margin. The sampled chunks
-            are chosen by the validator's seed, which copiers do not know in advance.
+            rescaled copy is caught), or whose sampled chunk index sets overlap by half or
+            more (Jaccard), are copies whatever their signs (a copy with a few signs flipped,
+            or negated, is still someone else's work); the later upload (store modified
+            time, then the header's ``created_at``) is the copier. A payload that overlaps
+            the previous window's aggregate as much replays it. Honest peers share few
+            large coordinates: peers trained from the same weights on different data
+            overlapped with Jaccard 0.06-0.07 (docs/validator.md), so 0.5 leaves a wide
+            margin. The sampled chunks are chosen by the validator's seed, which copiers do
+            not know in advance.
 
 ``check_window`` runs them all and gives each peer its first failing verdict (or ``PASS``).
 """
@@ -125,15 +127,14 @@ def check_norms(
 ) -> dict[str, Verdict]:
     """Per peer: refuse non-finite, zero, far-below-median or far-above-median update norms.
 
-    The median is over the finite norms of the peers in ``reference`` (all peers when none of
-    them is present, or when None). Without a reference the relative checks need three or
-    more peers to bite: with one peer the median is its own norm, and with two a single
-    outlier pulls the median halfway towards itself.
+    The median is over the finite norms of the peers in ``reference`` (every peer when it is
+    None); when no peer of ``reference`` is present only the absolute checks run, so that
+    fresh keys can never set the yardstick. Without a reference the relative checks need
+    three or more peers to bite: with one peer the median is its own norm, and with two a
+    single outlier pulls the median halfway towards itself.
     """
     finite = [n for p, n in norms.items() if math.isfinite(n) and (reference is None or p in reference)]
-    if not finite:
-        finite = [n for n in norms.values() if math.isfinite(n)]
-    median = statistics.median(finite) if finite else 0.0
+    median = statistics.median(finite) if finite else math.nan  # NaN: every comparison below is False
     out = {}
     for peer, n in norms.items():
         if not math.isfinite(n):
@@ -196,9 +197,11 @@ def similarity(a: Fingerprint, b: Fingerprint) -> tuple[float, float]:
 
 
 def find_copies(
-    subs: Sequence[Submission], *, seed: int, min_jaccard: float = 0.8, min_sign_agreement: float = 0.95
+    subs: Sequence[Submission], *, seed: int, min_jaccard: float = 0.5,
+    previous: Mapping[str, CompressedTensor] | None = None,
 ) -> dict[str, Verdict]:
-    """Peers whose payload copies an earlier upload, each with a failing verdict.
+    """Peers whose payload copies an earlier upload or replays ``previous`` (the last
+    window's aggregate, compressed as a payload), each with a failing verdict.
 
     Of a copied pair the later upload is the copier; with exactly equal times both are
     flagged, since nobody can tell which came first. Peers not returned are not copies.
@@ -206,23 +209,33 @@ def find_copies(
     prints = {s.peer: fingerprint(s.tensors, seed=seed) for s in subs}
     when = {s.peer: (s.modified, s.created_at) for s in subs}
     out: dict[str, Verdict] = {}
+    if previous is not None:
+        last = fingerprint(previous, seed=seed)
+        for peer, fp in prints.items():
+            if (how := _copied(fp, last, min_jaccard)) is not None:
+                out[peer] = Verdict(False, "copy", f"replays the previous window's aggregate ({how})")
     peers = sorted(prints)
     for i, a in enumerate(peers):
         for b in peers[i + 1 :]:
-            if prints[a].exact == prints[b].exact:
-                how = "identical indices and signs"
-            else:
-                jaccard, signs = similarity(prints[a], prints[b])
-                if jaccard < min_jaccard or signs < min_sign_agreement:
-                    continue
-                how = f"sampled index overlap {jaccard:.2f}, sign agreement {signs:.2f}"
+            if (how := _copied(prints[a], prints[b], min_jaccard)) is None:
+                continue
             if when[a] == when[b]:
                 out[a] = Verdict(False, "copy", f"same as {b}'s payload ({how}), uploaded at the same time")
                 out[b] = Verdict(False, "copy", f"same as {a}'s payload ({how}), uploaded at the same time")
                 continue
             original, copier = (a, b) if when[a] < when[b] else (b, a)
-            out[copier] = Verdict(False, "copy", f"copy of {original}'s earlier payload ({how})")
+            out.setdefault(copier, Verdict(False, "copy", f"copy of {original}'s earlier payload ({how})"))
     return out
+
+
+def _copied(a: Fingerprint, b: Fingerprint, min_jaccard: float) -> str | None:
+    """How ``a`` and ``b`` are the same work, or None when they are not."""
+    if a.exact == b.exact:
+        return "identical indices and signs"
+    jaccard, signs = similarity(a, b)
+    if jaccard < min_jaccard:
+        return None
+    return f"sampled index overlap {jaccard:.2f}, sign agreement {signs:.2f}"
 
 
 def check_window(
@@ -232,8 +245,9 @@ def check_window(
     seed: int,
     min_fraction: float = 0.05,
     max_factor: float = 10.0,
-    min_jaccard: float = 0.8,
+    min_jaccard: float = 0.5,
     reference: Collection[str] | None = None,
+    previous: Mapping[str, CompressedTensor] | None = None,
 ) -> dict[str, Verdict]:
     """Every check above for one window's decoded payloads: each peer's first failure, or PASS.
 
@@ -251,5 +265,5 @@ def check_window(
     out.update({p: v for p, v in check_norms(norms, min_fraction=min_fraction, max_factor=max_factor,
                                              reference=reference).items() if not v.ok})
     remaining = [s for s in subs if s.peer not in out]
-    out.update(find_copies(remaining, seed=seed, min_jaccard=min_jaccard))
+    out.update(find_copies(remaining, seed=seed, min_jaccard=min_jaccard, previous=previous))
     return {s.peer: out.get(s.peer, PASS) for s in subs}

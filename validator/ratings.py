@@ -137,11 +137,15 @@ class Ratings:
         evidence: Mapping[str, float] | None = None,
         failed: Collection[str] = (),
         present: Collection[str] = (),
+        reference: Collection[str] | None = None,
     ) -> None:
         """Rate one window: ``scores`` of evaluated peers; ``failed`` peers and scores <= 0 rank last.
 
         ``present`` lists peers that published but were not evaluated (not sampled this
         window): they are not rated, but neither are they absent. Windows must increase.
+        The typical score and evidence that relative floors compare with are those of the
+        ``reference`` peers (the ones with standing) when any of them was evaluated, so that
+        a swarm of fresh keys cannot lower the bar; of every evaluated peer otherwise.
         """
         if self.window is not None and window <= self.window:
             raise ValueError(f"window {window} is not after the last rated window {self.window}")
@@ -152,9 +156,8 @@ class Ratings:
                 st = self._get(p)
                 a = self.params.evidence_alpha
                 st.evidence_ema = ev if st.evidence_ema is None else (1 - a) * st.evidence_ema + a * ev
-        emas = [self.peers[p].evidence_ema for p in (evidence or {}) if (self.peers[p].evidence_ema or 0) > 0]
-        if emas:
-            typical_evidence = statistics.median(emas)
+        typical_evidence = _typical({p: self.peers[p].evidence_ema for p in evidence or {}}, reference)
+        if typical_evidence is not None:
             for p in evidence or {}:
                 if self.peers[p].evidence_ema is not None:
                     self.peers[p].relative_evidence = self.peers[p].evidence_ema / typical_evidence
@@ -174,8 +177,7 @@ class Ratings:
                 self.peers[p].mu, self.peers[p].sigma = new.mu, new.sigma
         for p in order:
             self._get(p).rated_windows += 1
-        positive = [v for v in scores.values() if math.isfinite(v) and v > 0]
-        typical = statistics.median(positive) if positive else 1.0
+        typical = _typical(scores, reference) or 1.0
         for p, value in scores.items():
             self._get(p).last_score = value / typical if math.isfinite(value) else -math.inf
         for p in set(order) | set(present) | set(evidence or {}):
@@ -286,3 +288,10 @@ class Ratings:
                 raise CheckpointError(f"{path}: peer {peer} has a non-finite or non-positive rating")
             ratings.peers[peer] = st
         return ratings
+
+
+def _typical(values: Mapping[str, float | None], reference: Collection[str] | None) -> float | None:
+    """Median of the positive finite values, over the ``reference`` peers when any has one."""
+    positive = {p: v for p, v in values.items() if v is not None and math.isfinite(v) and v > 0}
+    pool = [v for p, v in positive.items() if reference is not None and p in reference] or list(positive.values())
+    return statistics.median(pool) if pool else None

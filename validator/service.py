@@ -28,16 +28,17 @@ import numpy as np
 import torch
 
 from node.accounting import Accounting
-from node.dataset import TokenData
-from protocol.assignment import assigned_batches, unassigned_batches
 from node.closing import Closing
+from node.dataset import TokenData
 from node.exchange import Exchange, address_policy
 from node.follow import Follower, check_base
 from node.model import build_model, heldout_loss, param_shapes
 from node.replica import Replica
 from node.state import LocalState, load_local_state, save_local_state
+from protocol.assignment import assigned_batches, unassigned_batches
+from protocol.codec import compress
+from protocol.codec_types import CompressedTensor, model_layout
 from protocol.consensus import Decision
-from protocol.codec_types import model_layout
 from protocol.errors import RETRYABLE, PayloadRejected, PayloadUnavailable
 from protocol.identity import Identity
 from protocol.manifest import Manifest
@@ -93,6 +94,8 @@ class Validator:
         self.closing = (Closing(store, manifest, identity, self.exchange, self.acct)
                         if identity.public_key.hex() in manifest.closers else None)
         """Set when this validator is one of the run's closers: it takes part in deciding windows."""
+        self.previous: dict[str, CompressedTensor] | None = None
+        """The last applied aggregate, compressed: a payload that replays it is a copy."""
 
     @property
     def replica(self) -> Replica:
@@ -115,7 +118,7 @@ class Validator:
         """Every payload published for the window, decoded; refusals become verdicts."""
         payloads, verdicts, modified, sizes = {}, {}, {}, {}
         expect = self.follower.expectation(window)
-        for peer, info in self.exchange.present(window, expect.max_bytes).items():
+        for peer, info in self.exchange.present(window, expect).items():
             try:
                 payload, _ = self.exchange.verify(peer, expect)
             except PayloadRejected as exc:
@@ -146,7 +149,7 @@ class Validator:
         subs = [Submission.of(p, modified[peer]) for peer, p in payloads.items()]
         on_time_until = max(self.follower.deadline(w), decision.closed_at) + self.manifest.run.grace_seconds
         verdicts.update(check_window(subs, close_time=on_time_until, seed=copy_seed,
-                                     reference=decision.value.standing))
+                                     reference=decision.value.standing, previous=self.previous))
         passing = sorted(p for p, v in verdicts.items() if v.ok)
         sample = passing if len(passing) <= self.cfg.max_evaluations else sorted(
             random.Random(material).sample(passing, self.cfg.max_evaluations))
@@ -166,7 +169,8 @@ class Validator:
                 components[peer] = ev.components()
         failed = [p for p, v in verdicts.items() if not v.ok]
         present = [p for p in passing if p not in scores]
-        self.ratings.update(w, scores, evidence=evidence, failed=failed, present=present)
+        self.ratings.update(w, scores, evidence=evidence, failed=failed, present=present,
+                            reference=decision.value.standing)
         table = self.ratings.score_table({p: v.ok for p, v in verdicts.items()}, components)
         self.store.put(score_key(w, self.identity.peer_id), make_score_record(self.identity, self.run_key, w, table))
         self.ratings.save(self.cfg.workdir / "ratings.json")
@@ -193,7 +197,9 @@ class Validator:
             except PayloadUnavailable as exc:  # never apply a window without a counted payload
                 log.warning("window %d: waiting for a counted payload: %s", decision.window, exc)
                 time.sleep(max(1.0, self.cfg.poll_seconds * 5))
-        self.follower.advance(decision, gathered)
+        update = self.follower.advance(decision, gathered)
+        # What a free rider would replay next window, fingerprinted as any payload is.
+        self.previous = {n: compress(update[n], lay) for n, lay in self.layouts.items()}
         self.replica.load_into(self.model)
         heldout = heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
         self.dashboard.finish_window(decision.window, heldout_loss=heldout,
