@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="locoswarm bench", description="benchmarks; one JSON object per line")
     sub = parser.add_subparsers(dest="bench", required=True, metavar="NAME")
     name = argv[0] if argv and argv[0] in BENCHES else None
-    for bench, help in BENCHES.items():  # noqa: A001 (argparse's name)
+    for bench, help in BENCHES.items():
         p = sub.add_parser(bench, help=help, description=help)
         if bench == name:  # import only the one that runs: each pulls in torch
             importlib.import_module(f"bench.{bench}").add_arguments(p)

@@ -20,7 +20,6 @@ tensors. Speeds are dense elements per second, the median of ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
-
 import functools
 import json
 import math

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from node.dataset import TokenData, prepare
-from protocol.assignment import assigned_batches, heldout_ids
 from node.inner import InnerLoop, lr_at
 from node.loco import LocoCompressor, LocoConfig, average_quantized
 from node.model import build_model, lm_loss
 from protocol.aggregate import aggregate
+from protocol.assignment import assigned_batches, heldout_ids
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import model_layout
 from protocol.errors import LocoError

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"locoswarm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 (argparse's name)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common])
 
     p = command("up", "run a whole local network of peers on this machine and watch it learn")
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON summary as the last stdout line")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds (default 3600)")
+    p.add_argument("--attack", default=None, metavar="FAULTS",
+                   help="also start a red-team process with fresh keys and write access to the store, doing "
+                        "these faults every window (comma-separated, or 'all'; see docs/security.md and "
+                        "'python -m locoswarm.attack --help'); its log and report.json go to WORKDIR/attacker")
 
     p = command("init", "create a run in a store: manifest, tokenizer, data")
     _add_store_args(p)

@@ -182,7 +182,7 @@ def _parse_time(value: str) -> float:
             return float(value)
         except ValueError:
             when = dt.datetime.fromisoformat(value)
-            return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+            return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
     except ValueError as exc:
         raise ManifestError(f"--genesis {value!r}: use unix seconds, +MINUTES or an ISO 8601 time") from exc
 

@@ -38,7 +38,7 @@ def run(path: str, *, max_bytes: int = 1 << 30) -> int:
 def describe(header: PayloadHeader, public_key: bytes, *, size: int, path: str) -> list[str]:
     """The lines ``run`` prints for a valid payload."""
     try:
-        created = dt.datetime.fromtimestamp(header.created_at, dt.timezone.utc).isoformat(timespec="seconds")
+        created = dt.datetime.fromtimestamp(header.created_at, dt.UTC).isoformat(timespec="seconds")
     except (OverflowError, ValueError, OSError):  # signed, but nonsense: show the number alone
         created = "not a date"
     c = header.codec
@@ -66,7 +66,7 @@ def describe(header: PayloadHeader, public_key: bytes, *, size: int, path: str) 
         lay = t.layout
         kind = f"{'tiled' if lay.tiled else 'flat'} {lay.n_chunks}x{lay.chunk_len} k={lay.k}"
         lines.append(
-            f"  {lay.name:<{width}}  {str(list(lay.shape)):<16} {kind:<28} {t.index_bytes:>9} {t.code_bytes:>9} "
+            f"  {lay.name:<{width}}  {list(lay.shape)!s:<16} {kind:<28} {t.index_bytes:>9} {t.code_bytes:>9} "
             f"{t.scale_bytes:>8}  {t.scale_ref:.6g}"
         )
     lines.append(

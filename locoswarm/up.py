@@ -171,6 +171,12 @@ def run_up(args: argparse.Namespace) -> int:
                str(manifest_path), "--workdir", str(vdir), "--windows", str(args.windows),
                "--threads", str(args.threads)]
         validators.append(_spawn(cmd, vdir / "log.txt"))
+    attackers = []
+    if args.attack:  # the red team: watch every defence hold (docs/security.md)
+        cmd = [sys.executable, "-m", "locoswarm.attack", "--store", store_uri, "--workdir", str(workdir / "attacker"),
+               "--windows", str(args.windows), "--faults", args.attack]
+        attackers.append(_spawn(cmd, workdir / "attacker" / "log.txt"))
+        console.print(f"attacker started ({args.attack}); its log: {workdir / 'attacker' / 'log.txt'}")
 
     progress_files = [workdir / "peers" / n / "progress.json" for n in names]
     history_files = [workdir / "peers" / n / "history.jsonl" for n in names]
@@ -200,10 +206,10 @@ def run_up(args: argparse.Namespace) -> int:
             live.update(_table(rows, names, time.time() - started, args.windows))
             live.stop()
     finally:
-        for p in procs + validators:
+        for p in procs + validators + attackers:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in procs + validators:
+        for p in procs + validators + attackers:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:

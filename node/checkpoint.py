@@ -30,6 +30,7 @@ from safetensors.torch import load, save
 from protocol import paths
 from protocol.digest import weights_digest
 from protocol.errors import CheckpointError, ObjectNotFound, StoreError
+from protocol.records import json_strict
 from protocol.stores.base import Store
 
 MAX_META_BYTES = 1 << 12
@@ -92,7 +93,7 @@ def fetch_checkpoint(
     weights' digest. ``CheckpointError`` names what is wrong; nothing is trusted on its own."""
     max_bytes = 4 * sum(math.prod(s) for s in expected_shapes.values()) + (1 << 20)
     try:
-        meta = json.loads(store.get(meta_key(window, digest), max_bytes=MAX_META_BYTES), object_pairs_hook=_no_repeats)
+        meta = json_strict(store.get(meta_key(window, digest), max_bytes=MAX_META_BYTES))
     except ObjectNotFound as exc:
         raise CheckpointError(f"no checkpoint of window {window} with digest {digest.hex()[:12]}") from exc
     except (ValueError, StoreError) as exc:
@@ -117,10 +118,3 @@ def fetch_checkpoint(
     if weights_digest(weights) != digest:
         raise CheckpointError(f"checkpoint of window {window} does not have the digest it is named by")
     return weights
-
-
-def _no_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("a JSON object repeats a key")
-    return out

@@ -9,8 +9,9 @@ once, by the keys the manifest trusts (its closers), and everyone else reads the
 - ``Closing`` (a node that is one of the closers): plays the Tendermint rounds through the
   store. As proposer it waits until the window may close (every expected peer published,
   or the deadline passed), then proposes the admitted payloads it verified, keeping a
-  content-addressed copy of those served from peers' own buckets. As voter it checks every
-  proposal before voting for it (``judge``): our base digest; a close time that agrees with
+  content-addressed copy of those served from peers' own buckets (a window nobody
+  published in stays open until someone does). As voter it checks every proposal before
+  voting for it (``judge``): our base digest; a close time that agrees with
   our clock, and not before the deadline unless every expected peer is in; admission by
   the rules every closer recomputes (``node/admission.py``); every listed payload fetched
   by hash and decoded; and nothing valid and on time left out, where the store's own clock
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from node import admission
 from node.accounting import Accounting
 from node.exchange import FETCH_WORKERS, Exchange
-from node.follow import ConsensusLog, Once
+from node.follow import ConsensusLog, DecisionReader, Once
 from protocol import paths
 from protocol.consensus import (
     MAX_INCLUDED,
@@ -53,6 +54,10 @@ from protocol.stores.base import ObjectInfo, Store
 from protocol.wire import Expectation
 
 log = logging.getLogger(__name__)
+
+KEEP_WINDOWS = 2
+"""Windows after a decision during which we keep our records of it in place."""
+KEEP_SECONDS = 2.0
 
 _CAPS = {PROPOSAL: MAX_PROPOSAL_BYTES, "prevote": MAX_VOTE_BYTES, "precommit": MAX_VOTE_BYTES}
 
@@ -86,7 +91,10 @@ class _Window:
     validity: dict[bytes, bool] = field(default_factory=dict)
     proposal: CloseValue | None = None
     candidates: dict[str, _Candidate] = field(default_factory=dict)
-    decision_written: bool = False
+    published: bool = False
+    mine: dict[str, bytes] = field(default_factory=dict)
+    """Our records of this window, by key: kept in place for a few windows."""
+    kept_at: float = 0.0
 
 
 class Closing:
@@ -105,6 +113,7 @@ class Closing:
         self.clock = clock
         self.skew = clock_skew(manifest)
         self.once = Once()
+        self.reader = DecisionReader(store, manifest, accounting)
         self._windows: dict[int, _Window] = {}
 
     def poll(self, window: int, expect: Expectation, *, deadline: float, expected: set[str]) -> Decision | None:
@@ -113,8 +122,12 @@ class Closing:
         there is one (after writing our decision record)."""
         now = self.clock()
         st = self._state(window, deadline, now)
+        for kept in self._windows.values():
+            self._keep_mine(kept, now)
         previous_poll = st.log.previous_poll
         seen = st.log.refresh(now)
+        if seen.certified is None and (record := self.reader.read_record(window)) is not None:
+            seen.add_decision(record)  # decided by others while our copies of their votes were lost
         for versions in seen.proposals.values():
             for vid, proposal in versions.items():
                 if vid in st.validity:
@@ -133,17 +146,31 @@ class Closing:
             if value is not None:
                 st.validity[value.id] = True
         for action in part.step(seen, st.validity, value, self.clock()):
-            self._publish(window, action)
+            self._publish(st, action)
         if part.decision is None:
             return None
-        if not st.decision_written:
-            raws = seen.precommit_records(part.decision)
-            if len(raws) >= self.manifest.quorum:  # decided from votes we hold (not only from a record)
-                self.store.put(paths.decision_key(window, self.identity.peer_id),
-                               sign_decision(self.identity, self.manifest.run_key, window, part.decision.value, raws))
-            st.decision_written = True
-        self._windows = {w: s for w, s in self._windows.items() if w > window}
+        raws = seen.precommit_records(part.decision)
+        if len(raws) >= self.manifest.quorum:  # decided from votes we hold (not only from a record)
+            st.mine[paths.decision_key(window, self.identity.peer_id)] = sign_decision(
+                self.identity, self.manifest.run_key, window, part.decision.value, raws)
+            st.kept_at = 0.0
+            self._keep_mine(st, now)
+        self._windows = {w: s for w, s in self._windows.items() if w >= window - KEEP_WINDOWS}
         return part.decision
+
+    def _keep_mine(self, st: _Window, now: float) -> None:
+        """Put our records back where someone overwrote or deleted them (only we can sign
+        them; readers that missed them would otherwise wait on a quorum that is gone).
+        Checked every ``KEEP_SECONDS`` for the last ``KEEP_WINDOWS`` windows."""
+        if not st.mine or now < st.kept_at + KEEP_SECONDS:
+            return
+        st.kept_at = now
+        window = st.log.window
+        listed = {o.key: o.size for o in self.store.list(paths.consensus_prefix(window))}
+        listed.update({o.key: o.size for o in self.store.list(paths.decisions_prefix(window))})
+        for key, blob in st.mine.items():
+            if listed.get(key) != len(blob):
+                self.store.put(key, blob)
 
     def _state(self, window: int, deadline: float, now: float) -> _Window:
         if window not in self._windows:
@@ -154,8 +181,8 @@ class Closing:
             self._windows[window] = _Window(part, clog)
         return self._windows[window]
 
-    def _publish(self, window: int, action: Publish) -> None:
-        run = self.manifest.run_key
+    def _publish(self, st: _Window, action: Publish) -> None:
+        run, window = self.manifest.run_key, st.log.window
         if action.kind == PROPOSAL:
             assert action.value is not None
             blob = sign_proposal(self.identity, run, window, action.round, action.value, action.valid_round)
@@ -163,16 +190,21 @@ class Closing:
         else:
             blob = sign_vote(self.identity, run, action.kind, window, action.round, action.value_id)
         # Our own key: a plain put replaces whatever anyone else wrote there first.
-        self.store.put(paths.consensus_key(window, action.round, action.kind, self.identity.peer_id), blob)
+        key = paths.consensus_key(window, action.round, action.kind, self.identity.peer_id)
+        self.store.put(key, blob)
+        st.mine[key] = blob
         self.acct.bytes_up += len(blob)
 
     # ------------------------------------------------------------------ proposing
     def _verify_present(self, st: _Window, window: int, expect: Expectation, allowed: frozenset[str],
-                        standing: frozenset[str]) -> dict[str, ObjectInfo]:
-        """Fetch and verify every admitted present payload not verified in its current form."""
-        present = {p: o for p, o in self.exchange.present(window, expect.max_bytes).items() if p in allowed}
-        todo = [p for p, o in present.items()
-                if p not in st.candidates or st.candidates[p].listed != (o.size, o.modified)]
+                        standing: frozenset[str], known: frozenset[str] = frozenset()) -> dict[str, ObjectInfo]:
+        """Fetch and verify every admitted present payload not verified in its current form;
+        the admitted ones present (``st.published`` notes whether anyone published at all)."""
+        listing = self.exchange.present(window, expect)
+        st.published = bool(listing)
+        present = {p: o for p, o in listing.items() if p in allowed}
+        todo = [p for p, o in present.items() if p not in known
+                and (p not in st.candidates or st.candidates[p].listed != (o.size, o.modified))]
 
         def check(peer: str) -> _Candidate:
             info = present[peer]
@@ -197,8 +229,8 @@ class Closing:
         present = self._verify_present(st, window, expect, adm.allowed, adm.standing)
         good = {p: st.candidates[p] for p in present if st.candidates[p].included is not None}
         complete = expected <= good.keys()
-        if not complete and self.clock() < deadline:
-            return None
+        if not st.published or (not complete and self.clock() < deadline):
+            return None  # a window nobody published in would only move the clock: wait for someone
         chosen = _cap(self.manifest, {p: c.included for p, c in good.items()}, present, self.store.trusted_clock)
         for peer in chosen:
             cand = good[peer]
@@ -240,8 +272,8 @@ class Closing:
         if not self.store.trusted_clock:
             return None
         adm = admission.choose(self.manifest, self.store, st.log.window)
-        present = self._verify_present(st, st.log.window, expect, adm.allowed, adm.standing)
-        listed = set(value.peers)
+        listed = frozenset(value.peers)  # verified by hash already
+        present = self._verify_present(st, st.log.window, expect, adm.allowed, adm.standing, known=listed)
         on_time = {p: st.candidates[p].included for p, o in present.items()
                    if p not in listed and o.modified <= deadline - self.skew and st.candidates[p].included}
         if not on_time:

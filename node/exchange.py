@@ -26,10 +26,20 @@ from dataclasses import dataclass, field, replace
 
 from node.accounting import Accounting
 from protocol import paths
-from protocol.announce import MAX_ANNOUNCEMENT_BYTES, make_announcement, read_announcement
+from protocol.announce import (
+    MAX_ANNOUNCEMENT_BYTES,
+    make_announcement,
+    read_announcement,
+)
 from protocol.codec_types import CompressedTensor
 from protocol.consensus import Included
-from protocol.errors import RETRYABLE, ObjectNotFound, PayloadUnavailable, RecordRejected, StoreError
+from protocol.errors import (
+    RETRYABLE,
+    ObjectNotFound,
+    PayloadUnavailable,
+    RecordRejected,
+    StoreError,
+)
 from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.retry import RetryPolicy
@@ -130,14 +140,15 @@ class Exchange:
         return wrote
 
     # ------------------------------------------------------------------ read
-    def present(self, window: int, max_bytes: int) -> dict[str, ObjectInfo]:
+    def present(self, window: int, expect: Expectation) -> dict[str, ObjectInfo]:
         """Peers with a payload for ``window`` (in the run store, or announced), and its
-        listing. Keys that are not well-formed, and objects over ``max_bytes``, are ignored:
-        they are never read and never count toward anything."""
+        listing. Keys that are not well-formed, and objects no valid payload could be (out
+        of ``expect``'s size bounds), are ignored: never read, never counted."""
         out: dict[str, ObjectInfo] = {}
         for o in self.store.list(paths.payloads_prefix(window)):
             peer = paths.peer_of_payload_key(o.key)
-            if peer is not None and o.key == paths.payload_key(window, peer) and o.size <= max_bytes:
+            if peer is not None and o.key == paths.payload_key(window, peer) and \
+                    expect.min_bytes <= o.size <= expect.max_bytes:
                 out[peer] = o
         for o in self.store.list(paths.announce_prefix(window)):
             peer = paths.peer_of_announce_key(o.key)

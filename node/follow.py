@@ -26,6 +26,8 @@ import logging
 import time
 from collections import deque
 
+import torch
+
 from node.accounting import Accounting
 from node.checkpoint import checkpoint_windows, fetch_checkpoint
 from node.exchange import Exchange, Gathered, address_policy
@@ -44,7 +46,14 @@ from protocol.consensus import (
     read_proposal,
     read_vote,
 )
-from protocol.errors import CheckpointError, ManifestError, ObjectNotFound, ObjectTooLarge, RecordRejected, ReplicaDiverged
+from protocol.errors import (
+    CheckpointError,
+    ManifestError,
+    ObjectNotFound,
+    ObjectTooLarge,
+    RecordRejected,
+    ReplicaDiverged,
+)
 from protocol.identity import Identity, peer_id_of
 from protocol.manifest import Manifest
 from protocol.stores.base import ObjectInfo, Store
@@ -53,6 +62,7 @@ from protocol.wire import Expectation
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 1 << 20
+JUMP_CHECK_SECONDS = 10.0
 EXPECTED_WINDOWS = 2
 """A window closes early once every peer counted in the last this many windows published."""
 _CAPS = {PROPOSAL: MAX_PROPOSAL_BYTES, "prevote": MAX_VOTE_BYTES, "precommit": MAX_VOTE_BYTES}
@@ -169,6 +179,16 @@ class DecisionReader:
 
     def read(self, window: int) -> Decision | None:
         """The window's decision, or None while it is undecided (or unreadable)."""
+        record = self.read_record(window)
+        if record is not None:
+            return record
+        # No readable decision record (not written yet, or overwritten): count precommits.
+        clog = self._logs.setdefault(window, ConsensusLog(self.store, self.manifest, window, self.acct, self.once))
+        self._logs = {w: v for w, v in self._logs.items() if w >= window - 1}
+        return clog.refresh(time.time()).decided(self.manifest.quorum, None)
+
+    def read_record(self, window: int) -> Decision | None:
+        """The first valid decision record of the window, if any."""
         for info in self.store.list(paths.decisions_prefix(window)):
             signer = info.key.rsplit("/", 1)[-1].removesuffix(paths.RECORD_SUFFIX)
             if info.key != paths.decision_key(window, signer) or signer not in self.ids or info.size > MAX_DECISION_BYTES:
@@ -182,10 +202,7 @@ class DecisionReader:
                 continue
             except RecordRejected as exc:
                 self.once.warn(info.key, str(exc))
-        # No readable decision record (not written yet, or overwritten): count precommits.
-        clog = self._logs.setdefault(window, ConsensusLog(self.store, self.manifest, window, self.acct, self.once))
-        self._logs = {w: v for w, v in self._logs.items() if w >= window - 1}
-        return clog.refresh(time.time()).decided(self.manifest.quorum, None)
+        return None
 
 
 class Follower:
@@ -203,6 +220,8 @@ class Follower:
         """The last decisions applied, newest last (the schedule follows from them)."""
         self.jumps = 0
         """How often the follower restarted from a newer checkpoint."""
+        self._next_jump_check = 0.0
+        self._once = Once()
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -246,13 +265,18 @@ class Follower:
     def next_decided(self) -> Decision | None:
         """The decision of the window we are at; None while it is open.
 
-        When it is not decided but a verified checkpoint newer than us exists, the window's
-        objects may have been collected: restart from that checkpoint and look again.
+        When it is not decided but a verified checkpoint newer than us exists, the run is past
+        our window (a decision certifies that checkpoint) and the window's objects were
+        collected while we were away: restart from that checkpoint and look again. A follower
+        at the open window never finds one; it looks every ``JUMP_CHECK_SECONDS`` at most.
         """
         while True:
             decision = self.decisions.read(self.replica.window)
-            if decision is not None or not self.jump_to_checkpoint():
+            if decision is not None or time.monotonic() < self._next_jump_check:
                 return decision
+            self._next_jump_check = time.monotonic() + JUMP_CHECK_SECONDS
+            if not self.jump_to_checkpoint():
+                return None
 
     def jump_to_checkpoint(self) -> bool:
         """Move to the newest verified checkpoint if it is ahead of us; True if we moved."""
@@ -274,7 +298,7 @@ class Follower:
                 return None
             decision = self.decisions.read(window)
             if decision is None:
-                log.info("checkpoint of window %d: no decision certifies it yet", window)
+                self._once.warn(paths.checkpoint_dir(window), "no decision certifies a checkpoint of this window")
                 continue
             try:
                 weights = fetch_checkpoint(self.store, window, decision.base_digest, self.shapes)
@@ -287,14 +311,15 @@ class Follower:
     def gather(self, decision: Decision) -> Gathered:
         return self.exchange.gather(decision.included, self.expectation(decision.window))
 
-    def advance(self, decision: Decision, gathered: Gathered) -> None:
-        """Aggregate the decision's payloads and take the outer step."""
+    def advance(self, decision: Decision, gathered: Gathered) -> dict[str, torch.Tensor]:
+        """Aggregate the decision's payloads and take the outer step; returns the aggregate."""
         check_base(self.replica, decision)
         outer = self.manifest.outer
         update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip,
                            reference=decision.value.standing)
         self.replica.apply(update, outer.lr)
         self.applied(decision)
+        return update
 
     def applied(self, decision: Decision) -> None:
         """Note that ``decision`` was applied to ``replica`` (the schedule follows from it)."""

@@ -14,18 +14,67 @@ Names (all prefixed ``locoswarm_``):
     payload_bytes{peer}       gauge    size of each peer's last payload object
     rejections_total{reason}  counter  payloads refused, by check label
     bytes_sent, bytes_received gauge   bytes this process uploaded / downloaded so far
+    peer_series_dropped       gauge    peers left without a series by the cap below
+
+Series labelled by peer are capped (``MAX_PEER_SERIES``) and only well-formed peer ids get
+one, so a swarm of fresh keys cannot grow a scraper's database without bound: at the end of
+each window the series kept are those of the peers that window counted or weighted most.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from protocol.paths import is_peer_id
+
 log = logging.getLogger(__name__)
+
+MAX_PEER_SERIES = 64
+
+
+class PeerGauge:
+    """A gauge labelled by ``peer`` with at most ``cap`` series, for validated ids only."""
+
+    def __init__(self, name: str, doc: str, registry: CollectorRegistry, dropped: Gauge, cap: int = MAX_PEER_SERIES):
+        self._gauge = Gauge(name, doc, ["peer"], registry=registry)
+        self._dropped = dropped
+        self._slots: set[str] = set()
+        """Peers that have, or were promised by ``keep``, a series."""
+        self._series: set[str] = set()
+        self._refused: set[str] = set()
+        self.cap = cap
+
+    def set(self, peer: str, value: float) -> bool:
+        """Set ``peer``'s series; False (and counted) when the id is malformed or the cap is full."""
+        if peer not in self._slots:
+            if len(self._slots) >= self.cap or not is_peer_id(peer):
+                self._refused.add(peer)
+                self._dropped.set(len(self._refused))
+                return False
+            self._slots.add(peer)
+        self._gauge.labels(peer=peer).set(value)
+        self._series.add(peer)
+        return True
+
+    def keep(self, peers: Iterable[str]) -> None:
+        """Keep only the series of ``peers`` (best first, cut at the cap), and hold their slots
+        for the next window even if others are set first."""
+        self._slots = {p for p in list(dict.fromkeys(peers))[: self.cap] if is_peer_id(p)}
+        for peer in self._series - self._slots:
+            self._gauge.remove(peer)
+        self._series &= self._slots
+        self._refused.clear()
+
+    @property
+    def peers(self) -> frozenset[str]:
+        """Peers with a series now."""
+        return frozenset(self._series)
 
 
 class SwarmMetrics:
@@ -37,8 +86,12 @@ class SwarmMetrics:
         self.heldout_loss = Gauge("locoswarm_heldout_loss", "Held-out loss of the global model", registry=registry)
         self.window_bytes = Gauge("locoswarm_window_bytes", "Bytes of all payloads of the last window", registry=registry)
         self.peers_included = Gauge("locoswarm_peers_included", "Peers counted in the last window", registry=registry)
-        self.peer_weight = Gauge("locoswarm_peer_weight", "Validator weight of a peer", ["peer"], registry=registry)
-        self.payload_bytes = Gauge("locoswarm_payload_bytes", "Size of a peer's last payload", ["peer"], registry=registry)
+        self.peer_series_dropped = Gauge("locoswarm_peer_series_dropped",
+                                         "Peers this window left without a series by the cap", registry=registry)
+        self.peer_weight = PeerGauge("locoswarm_peer_weight", "Validator weight of a peer", registry,
+                                     self.peer_series_dropped)
+        self.payload_bytes = PeerGauge("locoswarm_payload_bytes", "Size of a peer's last payload", registry,
+                                       self.peer_series_dropped)
         self.rejections = Counter("locoswarm_rejections", "Payloads refused, by reason", ["reason"], registry=registry)
         self.bytes_sent = Gauge("locoswarm_bytes_sent", "Bytes uploaded by this process", registry=registry)
         self.bytes_received = Gauge("locoswarm_bytes_received", "Bytes downloaded by this process", registry=registry)

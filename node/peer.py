@@ -26,14 +26,13 @@ from node.config import NodeConfig
 from node.dataset import TokenData
 from node.ddp import wrap_ddp
 from node.exchange import Exchange, Gathered, address_policy
-from node.follow import Follower, check_base, check_run_manifest
+from node.follow import Follower, check_run_manifest
 from node.inner import InnerLoop, InnerResult
 from node.metrics import SwarmMetrics, start_metrics_server
 from node.model import build_model, heldout_loss, param_shapes
 from node.progress import History, write_progress
 from node.replica import Replica
 from node.state import LocalState, load_local_state, save_local_state
-from protocol.aggregate import aggregate
 from protocol.assignment import assigned_batches
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import CompressedTensor, model_layout
@@ -156,12 +155,7 @@ class Peer:
             self.ef.restore(sent)  # the network did not take it: keep it for a later window
         self.progress("aggregate", w, train_loss=result.mean_loss)
         with self.acct.phase("aggregate"):
-            check_base(self.replica, decision)
-            outer = self.manifest.outer
-            update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip,
-                               reference=decision.value.standing)                          # aggregate
-            self.replica.apply(update, outer.lr)                                          # outer step
-            self.follower.applied(decision)
+            self.follower.advance(decision, gathered)                                      # aggregate, outer step
             self.replica.load_into(self.model)
         report = self.record(decision, gathered, train_loss=result.mean_loss, payload_bytes=len(blob))  # digest
         self.save()                                                                        # resumable state
@@ -249,8 +243,9 @@ class Peer:
             m.heldout_loss.set(entry["heldout_loss"])
         m.peers_included.set(entry["included"])
         m.window_bytes.set(sum(i.size for i in decision.included))
+        m.payload_bytes.keep(i.peer_id for i in decision.included)  # series for this window's counted peers
         for inc in decision.included:
-            m.payload_bytes.labels(peer=inc.peer_id).set(inc.size)
+            m.payload_bytes.set(inc.peer_id, inc.size)
         m.bytes_sent.set(self.acct.bytes_up)
         m.bytes_received.set(self.acct.bytes_down)
 

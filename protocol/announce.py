@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from protocol.errors import RecordRejected, StoreError
 from protocol.identity import Identity
-from protocol.records import require, sign_record, verify_record
+from protocol.records import require, short, sign_record, verify_record
 from protocol.stores.base import check_key
 
 KIND = "announce"
@@ -40,7 +40,7 @@ class Announcement:
 def _check_fields(window: object, key: object, url: object, sha256: object, size: object) -> None:
     """Raise ``RecordRejected`` naming the first field that is out of range."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-        raise RecordRejected(f"announce record window must be a non-negative int, got {window!r}")
+        raise RecordRejected(f"announce record window must be a non-negative int, got {short(window)}")
     if not isinstance(key, str):
         raise RecordRejected("announce record key must be a string")
     try:
@@ -49,10 +49,10 @@ def _check_fields(window: object, key: object, url: object, sha256: object, size
         raise RecordRejected(f"announce record names an invalid object key {key[:80]!r}") from exc
     if not isinstance(url, str) or not url.startswith(("https://", "http://")) or len(url) > MAX_URL_CHARS:
         raise RecordRejected("announce record url must be an http(s) URL of at most 4096 characters")
-    if not isinstance(sha256, str) or not _SHA256.match(sha256):
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
         raise RecordRejected("announce record sha256 must be 64 lowercase hex characters")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise RecordRejected(f"announce record size must be a non-negative int, got {size!r}")
+        raise RecordRejected(f"announce record size must be a non-negative int, got {short(size)}")
 
 
 def make_announcement(
@@ -66,7 +66,8 @@ def make_announcement(
 
 def read_announcement(data: bytes, run: str, *, signer: str | None = None) -> Announcement:
     """Verify signature, run (and ``signer`` when given), then every field; raise ``RecordRejected``."""
-    record = verify_record(data, kind=KIND, run=run, max_bytes=MAX_ANNOUNCEMENT_BYTES, signer=signer)
+    record = verify_record(data, kind=KIND, run=run, max_bytes=MAX_ANNOUNCEMENT_BYTES, signer=signer,
+                           fields=("window", "key", "url", "sha256", "size"))
     body = record.body
     window = require(body, "window", int, KIND)
     key = require(body, "key", str, KIND)

@@ -40,7 +40,8 @@ import msgpack
 
 from protocol.errors import RecordRejected
 from protocol.identity import Identity
-from protocol.records import require, sign_record, verify_record
+from protocol.paths import is_peer_id
+from protocol.records import require, short, sign_record, verify_record
 
 PROPOSAL, PREVOTE, PRECOMMIT, DECISION = "proposal", "prevote", "precommit", "decision"
 KINDS = (PROPOSAL, PREVOTE, PRECOMMIT, DECISION)
@@ -53,7 +54,7 @@ MAX_VALIDATORS = 64
 MAX_VOTE_BYTES = 2048
 MAX_PROPOSAL_BYTES = 1 << 20
 MAX_DECISION_BYTES = MAX_PROPOSAL_BYTES + 64 * MAX_VOTE_BYTES
-_PEER_CHARS = set("0123456789abcdef")
+_HEX = set("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -130,20 +131,15 @@ class CloseValue:
         for row in rows:
             if (
                 not isinstance(row, list) or len(row) != 4 or not is_peer_id(row[0]) or not isinstance(row[1], str)
-                or len(row[1]) != 64 or not set(row[1]) <= _PEER_CHARS or type(row[2]) is not int or row[2] < 0
+                or len(row[1]) != 64 or not set(row[1]) <= _HEX or type(row[2]) is not int or row[2] < 0
                 or type(row[3]) is not bool
             ):
-                raise RecordRejected(f"close value has a malformed included row: {row!r}"[:200])
+                raise RecordRejected(f"close value has a malformed included row: {short(row)}")
             included.append(Included(row[0], row[1], row[2], row[3]))
         peers = [i.peer_id for i in included]
         if peers != sorted(set(peers)):
             raise RecordRejected("close value's payloads are not sorted by peer and unique")
         return cls(base, closed_at, scores, tuple(scores_from), tuple(included))
-
-
-def is_peer_id(value: object) -> bool:
-    """A well-formed peer id: 24 lowercase hex characters."""
-    return isinstance(value, str) and len(value) == 24 and set(value) <= _PEER_CHARS
 
 
 def _keys(raw: object) -> object:
@@ -474,7 +470,7 @@ class Participant:
     def _once(self, seen: Seen, validity: Mapping[bytes, bool], proposal: CloseValue | None, now: float,
               out: list[Publish]) -> bool:
         """One pass over the rules; True if the state changed (so another pass may apply)."""
-        decided = seen.decided(self.quorum, validity)
+        decided = seen.decided(self.quorum, None)  # a quorum's precommits: at least one honest closer checked it
         if decided is not None:
             self.decision = decided
             return True

@@ -20,6 +20,7 @@ import numpy as np
 
 from protocol.errors import IntegrityError, StoreError
 from protocol.paths import DATA_INDEX
+from protocol.records import json_strict, short
 from protocol.stores.base import check_key
 
 NPY_HEADER_MAX = 1 << 16
@@ -85,7 +86,7 @@ class DataIndex:
             return IntegrityError(f"data index is invalid: {why}", key=DATA_INDEX)
 
         try:
-            raw = json.loads(data.decode("utf-8"))
+            raw = json_strict(data)
         except (UnicodeDecodeError, ValueError) as exc:
             raise bad(f"not JSON ({exc})") from exc
         if not isinstance(raw, dict):
@@ -96,10 +97,10 @@ class DataIndex:
         if set(raw) != expected:
             raise bad(f"keys {sorted(raw)} differ from {sorted(expected)}")
         if raw["format"] != "locoswarm-data/1":
-            raise bad(f"unknown format {raw['format']!r}")
+            raise bad(f"unknown format {short(raw['format'])}")
         for k in ints:
             if type(raw[k]) is not int or raw[k] < 0:
-                raise bad(f"{k} must be a non-negative integer, got {raw[k]!r}")
+                raise bad(f"{k} must be a non-negative integer, got {short(raw[k])}")
         for k in strs:
             if not isinstance(raw[k], str):
                 raise bad(f"{k} must be a string")
@@ -112,11 +113,11 @@ class DataIndex:
         for s in raw["shards"]:
             ok = isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and isinstance(s[1], str)
             if not ok or type(s[2]) is not int or not s[0].startswith("data/") or not is_sha256(s[1]):
-                raise bad(f"shard entry {s!r} is not [data/ key, sha256, n_tokens]")
+                raise bad(f"shard entry {short(s)} is not [data/ key, sha256, n_tokens]")
             try:
                 check_key(s[0])
             except StoreError as exc:
-                raise bad(f"shard key {s[0]!r} is not a valid store key") from exc
+                raise bad(f"shard key {short(s[0])} is not a valid store key") from exc
             if s[2] <= 0 or s[2] % row:
                 raise bad(f"shard {s[0]} holds {s[2]} tokens, not a positive multiple of seq_len + 1 = {row}")
             shards.append((s[0], s[1], s[2]))

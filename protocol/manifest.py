@@ -19,7 +19,6 @@ from typing import Any
 
 from protocol.errors import ManifestError
 
-
 COMM_CHOICES = ("none", "loco")
 """Gradient communication between the ranks of one multi-GPU peer."""
 EF_RULES = ("sparseloco", "loco")

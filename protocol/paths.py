@@ -35,6 +35,12 @@ _CONSENSUS = re.compile(rf"^windows/({_WINDOW})/consensus/r(\d{{4}})\.(proposal|
 _DECISION = re.compile(rf"^windows/({_WINDOW})/decisions/({_PEER})\.lsr$")
 _SCORES = re.compile(rf"^scores/({_WINDOW})/({_PEER})\.lsr$")
 MAX_ROUND_IN_KEY = 9999
+_PEER_ID = re.compile(_PEER)
+
+
+def is_peer_id(value: object) -> bool:
+    """A well-formed peer id: 24 lowercase hex characters (and nothing after them)."""
+    return isinstance(value, str) and _PEER_ID.fullmatch(value) is not None
 
 
 def window_dir(window: int) -> str:
@@ -51,7 +57,7 @@ def payloads_prefix(window: int) -> str:
 
 def peer_of_payload_key(key: str) -> str | None:
     """The peer id a payload key names, or None when the key is not a well-formed one."""
-    m = _PAYLOAD.match(key)
+    m = _PAYLOAD.fullmatch(key)
     return m.group(2) if m else None
 
 
@@ -64,7 +70,7 @@ def announce_prefix(window: int) -> str:
 
 
 def peer_of_announce_key(key: str) -> str | None:
-    m = _ANNOUNCE.match(key)
+    m = _ANNOUNCE.fullmatch(key)
     return m.group(2) if m else None
 
 
@@ -85,7 +91,7 @@ def consensus_key(window: int, round_: int, kind: str, peer_id: str) -> str:
 
 def parse_consensus_key(key: str) -> tuple[int, str, str] | None:
     """(round, kind, signer peer id) of a consensus key, or None when malformed."""
-    m = _CONSENSUS.match(key)
+    m = _CONSENSUS.fullmatch(key)
     return (int(m.group(2)), m.group(3), m.group(4)) if m else None
 
 
@@ -122,7 +128,7 @@ def owner(key: str) -> str | None:
     """The peer id that alone may sign the object under ``key``; None when anyone may write
     it (content-addressed or content-verified objects: blobs, checkpoints, data)."""
     for pattern, group in ((_PAYLOAD, 2), (_ANNOUNCE, 2), (_DECISION, 2), (_SCORES, 2), (_CONSENSUS, 4)):
-        m = pattern.match(key)
+        m = pattern.fullmatch(key)
         if m:
             return m.group(group)
     return None

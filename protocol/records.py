@@ -12,7 +12,9 @@ bytes would mean two different things to two readers.
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,15 @@ def unpack_strict(data: bytes, limit: int) -> Any:
         raise ValueError(str(exc)) from exc
 
 
+def json_strict(data: bytes) -> Any:
+    """Parse UTF-8 JSON, refusing objects that repeat a key (for the same reason as above).
+    Raises ``ValueError`` for bad bytes, deep nesting included."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_strict_map)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
 def sign_record(identity: Identity, kind: str, run: str, body: dict[str, Any]) -> bytes:
     """Serialize and sign ``body`` (msgpack-able values only) as a record of ``kind``."""
     packed = msgpack.packb({"kind": kind, "run": run, **body}, use_bin_type=True)
@@ -71,9 +82,11 @@ def sign_record(identity: Identity, kind: str, run: str, body: dict[str, Any]) -
 
 
 def verify_record(
-    data: bytes, *, kind: str, run: str, max_bytes: int = MAX_RECORD_BYTES, signer: str | None = None
+    data: bytes, *, kind: str, run: str, max_bytes: int = MAX_RECORD_BYTES, signer: str | None = None,
+    fields: Collection[str] | None = None,
 ) -> SignedRecord:
-    """Check size, framing, signature, kind and run; return the signer and body."""
+    """Check size, framing, signature, kind and run (and, given ``fields``, that the body
+    holds exactly those besides ``kind`` and ``run``); return the signer and body."""
     if len(data) > max_bytes:
         raise RecordRejected(f"{kind} record is {len(data)} bytes, over the cap of {max_bytes}")
     if len(data) < _PREFIX + _TRAILER or data[:4] != MAGIC:
@@ -96,10 +109,18 @@ def verify_record(
     if not isinstance(body, dict):
         raise RecordRejected(f"{kind} record body is not a map")
     if body.get("kind") != kind:
-        raise RecordRejected(f"record is of kind {body.get('kind')!r}, expected {kind!r}")
+        raise RecordRejected(f"record is of kind {short(body.get('kind'))}, expected {kind!r}")
     if body.get("run") != run:
-        raise RecordRejected(f"{kind} record belongs to run {body.get('run')!r}, not {run!r}")
+        raise RecordRejected(f"{kind} record belongs to run {short(body.get('run'))}, not {run!r}")
+    if fields is not None and set(body) != {"kind", "run", *fields}:
+        raise RecordRejected(f"{kind} record has fields {short(sorted(map(str, body)))}, expected {sorted(fields)}")
     return SignedRecord(peer_id, public_key, body)
+
+
+def short(value: object) -> str:
+    """``repr`` cut to 80 characters: what a reason may quote of someone else's bytes."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def require(body: dict[str, Any], key: str, typ: type | tuple[type, ...], kind: str) -> Any:

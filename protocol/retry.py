@@ -47,10 +47,22 @@ class RetryPolicy:
     object_seconds: float = 300.0
     """Total seconds one object download may take, all tries and backoffs included: a
     server that trickles bytes costs at most this, however often it sends one."""
+    min_bytes_per_second: float = 64 * 1024
+    """An object whose size is known must arrive at least this fast (after one request
+    timeout of slack): a 100 KB payload trickled a byte at a time is cut after about
+    ``request_timeout`` seconds, not ``object_seconds``."""
+
+    def download_seconds(self, size: int | None) -> float:
+        """How long a download of ``size`` bytes may take in all."""
+        if size is None:
+            return self.object_seconds
+        return min(self.object_seconds, self.request_timeout + size / self.min_bytes_per_second)
 
     def __post_init__(self) -> None:
         if self.request_timeout <= 0 or self.attempts < 1:
             raise ValueError("request_timeout must be > 0 and attempts >= 1")
+        if self.min_bytes_per_second <= 0:
+            raise ValueError("min_bytes_per_second must be > 0")
         if not 0 <= self.backoff_base <= self.backoff_cap:
             raise ValueError("need 0 <= backoff_base <= backoff_cap")
         if self.object_seconds < self.request_timeout:

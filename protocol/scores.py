@@ -31,9 +31,15 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from protocol.errors import ObjectNotFound, ObjectTooLarge, RecordRejected
-from protocol.identity import PEER_ID_HEX_CHARS, Identity, peer_id_of
-from protocol.paths import RECORD_SUFFIX, score_key, scores_prefix
-from protocol.records import MAX_RECORD_BYTES, require, sign_record, verify_record
+from protocol.identity import Identity, peer_id_of
+from protocol.paths import RECORD_SUFFIX, is_peer_id, score_key, scores_prefix
+from protocol.records import (
+    MAX_RECORD_BYTES,
+    require,
+    short,
+    sign_record,
+    verify_record,
+)
 from protocol.stores.base import Store
 
 log = logging.getLogger(__name__)
@@ -46,9 +52,7 @@ MAX_COMPONENTS = 16
 MAX_COMPONENT_NAME = 32
 """Characters in a component name."""
 
-_PEER_ID = re.compile(rf"^[0-9a-f]{{{PEER_ID_HEX_CHARS}}}$")
 _COMPONENT = re.compile(rf"^[a-z0-9_]{{1,{MAX_COMPONENT_NAME}}}$")
-_BODY_KEYS = frozenset({"kind", "run", "window", "peers"})
 _PEER_KEYS = frozenset({"weight", "included", "standing", "components"})
 
 
@@ -108,14 +112,11 @@ def make_score_record(identity: Identity, run: str, window: int, scores: Mapping
 
 def read_score_record(data: bytes, run: str, trusted_keys: Collection[str]) -> ScoreRecord:
     """Verify and parse a score record; ``RecordRejected`` unless signed by a trusted key."""
-    rec = verify_record(data, kind=KIND, run=run, max_bytes=MAX_RECORD_BYTES)
+    rec = verify_record(data, kind=KIND, run=run, max_bytes=MAX_RECORD_BYTES, fields=("window", "peers"))
     key_hex = rec.public_key.hex()
     if key_hex not in {k.lower() for k in trusted_keys}:
         raise RecordRejected(f"score record is signed by {rec.peer_id}, which is not a trusted validator of this run")
     body = rec.body
-    extra = set(body) - _BODY_KEYS
-    if extra:
-        raise RecordRejected(f"score record has unknown fields {sorted(extra)}")
     window = require(body, "window", int, KIND)
     if window < 0:
         raise RecordRejected(f"score record window must be >= 0, got {window}")
@@ -124,8 +125,8 @@ def read_score_record(data: bytes, run: str, trusted_keys: Collection[str]) -> S
         raise RecordRejected(f"score record lists {len(raw_peers)} peers, over the cap of {MAX_PEERS}")
     peers = {}
     for peer, entry in raw_peers.items():
-        if not isinstance(peer, str) or not _PEER_ID.match(peer):
-            raise RecordRejected(f"score record names an invalid peer id {peer!r}")
+        if not is_peer_id(peer):
+            raise RecordRejected(f"score record names an invalid peer id {short(peer)}")
         peers[peer] = _parse_peer(peer, entry)
     return ScoreRecord(rec.peer_id, key_hex, run, window, peers)
 
@@ -143,10 +144,10 @@ def _parse_peer(peer: str, entry: object) -> PeerScore:
     if len(components) > MAX_COMPONENTS:
         raise RecordRejected(f"peer {peer} has {len(components)} score components, over the cap of {MAX_COMPONENTS}")
     for name, value in components.items():
-        if not isinstance(name, str) or not _COMPONENT.match(name):
-            raise RecordRejected(f"score component name {name!r} of peer {peer} is not [a-z0-9_]{{1,32}}")
+        if not isinstance(name, str) or not _COMPONENT.fullmatch(name):
+            raise RecordRejected(f"score component name {short(name)} of peer {peer} is not [a-z0-9_]{{1,32}}")
         if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
-            raise RecordRejected(f"score component {name!r} of peer {peer} must be a finite float, got {value!r}")
+            raise RecordRejected(f"score component {name!r} of peer {peer} must be a finite float, got {short(value)}")
     return PeerScore(weight, included, standing, dict(components))
 
 

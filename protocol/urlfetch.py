@@ -10,9 +10,10 @@ An announcement is written by an untrusted peer, so the URL it names is hostile 
 - **No redirects**: a 3xx answer is refused, so a URL cannot bounce a reader elsewhere.
 - **How much**: the size is checked against the announcement and the cap on
   Content-Length and again while reading.
-- **How long**: each read waits at most ``policy.request_timeout`` and the whole object at
-  most ``policy.object_seconds``: a server that trickles a byte every few seconds costs its
-  own download slot for a bounded time, never a window.
+- **How long**: each read waits at most ``policy.request_timeout``, and the whole object at
+  most ``policy.download_seconds(size)`` (one request timeout plus the time its announced
+  size takes at ``min_bytes_per_second``): a server that trickles a byte every few seconds
+  costs its own download slot for about a request timeout, never a window.
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ class UrlReader:
         shown = url.split("?", 1)[0][:200]
         if size is not None and max_bytes is not None and size > max_bytes:
             raise ObjectTooLarge(f"announced size {size} is over the cap of {max_bytes}", key=shown)
-        deadline = time.monotonic() + self.policy.object_seconds
+        seconds = self.policy.download_seconds(size)
+        deadline = time.monotonic() + seconds
         data = self.policy.call(lambda: self._get(url, shown, size, max_bytes, deadline),
-                                what=f"GET of {shown!r}", deadline=time.time() + self.policy.object_seconds)
+                                what=f"GET of {shown!r}", deadline=time.time() + seconds)
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise IntegrityError(f"sha256 is {digest}, the announcement says {sha256}", key=shown)
@@ -148,9 +150,9 @@ class UrlReader:
                 out += chunk
                 self._check_length(len(out), False, size, max_bytes, shown)
                 if time.monotonic() > deadline:
-                    raise StoreTimeout(f"the download took longer than {self.policy.object_seconds:g} s", key=shown)
+                    raise StoreTimeout("the download is too slow for its size", key=shown)
             self._check_length(len(out), True, size, max_bytes, shown)
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             raise StoreTimeout(f"no answer in time: {exc}", key=shown) from exc
         except (http.client.HTTPException, ssl.SSLError, OSError) as exc:
             raise StoreUnavailable(f"connection failed: {exc}", key=shown) from exc

@@ -66,7 +66,7 @@ from protocol.indexcode import (
     unpack_codes,
 )
 from protocol.manifest import CodecConfig
-from protocol.records import unpack_strict
+from protocol.records import short, unpack_strict
 
 MAGIC = b"LSPW"
 VERSION = 1
@@ -157,6 +157,9 @@ class Expectation:
     base_digest: bytes | None = None
     max_header_bytes: int = MAX_HEADER_BYTES
     """Refuse a header longer than this before checking the signature (``header_bound``)."""
+    min_bytes: int = 0
+    """A valid payload is at least this long (its sections alone): shorter objects in a
+    listing are not worth a download."""
 
     @classmethod
     def of_run(cls, run: str, window: int, layouts: Mapping[str, TensorLayout], codec: CodecConfig, *,
@@ -164,7 +167,8 @@ class Expectation:
         """What a payload of the run's model must be: sizes bounded by what the layouts imply
         (a valid payload is within a few hundred bytes of ``payload_bound``), and by ``cap``."""
         return cls(run=run, window=window, layouts=layouts, codec=codec, base_digest=base_digest,
-                   max_bytes=min(cap, payload_bound(layouts)), max_header_bytes=header_bound(layouts))
+                   max_bytes=min(cap, payload_bound(layouts)), max_header_bytes=header_bound(layouts),
+                   min_bytes=payload_bound(layouts) - header_bound(layouts))
 
 
 def header_bound(layouts: Mapping[str, TensorLayout]) -> int:
@@ -329,7 +333,7 @@ def decode_payload(data: bytes, expect: Expectation, device: str | torch.device 
     header = parsed.header
     ctx = {"peer": header.peer_id, "window": expect.window if expect.window is not None else header.window}
     if header.run != expect.run:
-        raise WrongRun(f"payload belongs to run {header.run!r}, expected {expect.run!r}", **ctx)
+        raise WrongRun(f"payload belongs to run {short(header.run)}, expected {expect.run!r}", **ctx)
     if expect.window is not None and header.window != expect.window:
         raise WrongWindow(f"payload is for window {header.window}, expected window {expect.window}", **ctx)
     want_codec = WireCodec.of(expect.codec)

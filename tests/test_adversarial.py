@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from node.state import load_local_state
-from protocol import paths
 from node.accounting import Accounting
 from node.follow import DecisionReader
+from node.state import load_local_state
+from protocol import paths
 from protocol.identity import Identity
 from protocol.scores import read_score_record
 from protocol.stores import open_store

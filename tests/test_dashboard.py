@@ -9,9 +9,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from node.metrics import start_metrics_server
+from node.metrics import MAX_PEER_SERIES, start_metrics_server
 from protocol.scores import PeerScore
 from validator.dashboard import (
     Dashboard,
@@ -84,6 +84,23 @@ def test_metrics_endpoint_exports_window_weights_and_rejections(dashboard: Dashb
     assert f'locoswarm_payload_bytes{{peer="{PEERS[1]}"}} 41000.0' in text
     assert 'locoswarm_rejections_total{reason="copy"} 1.0' in text
     assert "locoswarm_heldout_loss" in text
+
+
+def test_a_swarm_of_fresh_keys_cannot_grow_the_series_or_the_rows():
+    """5000 fresh ids, some malformed: series stay under the cap and go to the counted peers."""
+    state = DashboardState("run", "f" * 24, max_rows=100)
+    swarm = [f"{i:024x}" for i in range(5000)] + ['<b>x</b>\n# HELP forged', "AB" * 12]
+    for window in range(2):  # the swarm scored first fills the cap; the window's end makes room
+        state.record_scores({p: PeerScore(weight=0.1, included=False) for p in swarm})
+        state.record_scores({p: PeerScore(weight=0.9, included=True) for p in PEERS})
+        state.finish_window(window, heldout_loss=5.0, payload_bytes=dict.fromkeys(swarm + PEERS, 100))
+    text = generate_latest(state.registry).decode()
+    series = [line for line in text.splitlines() if line.startswith("locoswarm_peer_weight{")]
+    assert len(series) <= MAX_PEER_SERIES and "forged" not in text and "AB" * 12 not in text
+    assert all(f'peer="{p}"' in text for p in PEERS)  # the counted peers kept theirs
+    assert len(state.snapshot()["peers"]) == 100
+    dropped = [line for line in text.splitlines() if line.startswith("locoswarm_peer_series_dropped ")]
+    assert float(dropped[0].split()[1]) > 0
 
 
 def test_page_escapes_text_from_the_network(dashboard: Dashboard):

@@ -17,9 +17,9 @@ from node.corpus import EOT_TOKEN
 from node.dataset import TokenData, prepare
 from protocol.assignment import assigned_batches, heldout_ids, unassigned_batches
 from protocol.dataindex import DataIndex, parse_npy
-from protocol.paths import DATA_INDEX, DATA_TOKENIZER, shard_key
 from protocol.errors import IntegrityError, ManifestError, ObjectNotFound
 from protocol.manifest import Manifest
+from protocol.paths import DATA_INDEX, DATA_TOKENIZER, shard_key
 from protocol.stores.file import FileStore
 from protocol.stores.memory import MemoryStore
 

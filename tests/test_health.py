@@ -10,7 +10,6 @@ from pathlib import Path
 from locoswarm.cli import main
 from locoswarm.health import check
 
-
 NOW = 1_800_000_000.0
 """The checks below pass this clock; files get mtimes relative to it."""
 

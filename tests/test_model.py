@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from node.corpus import EOT_TOKEN
 from node.dataset import prepare
-from protocol.paths import DATA_TOKENIZER
 from node.model import (
     PRESET_REFERENCE_VOCAB,
     PRESETS,
@@ -26,6 +25,7 @@ from node.model import (
 )
 from protocol.errors import ManifestError
 from protocol.manifest import Manifest, ModelConfig
+from protocol.paths import DATA_TOKENIZER
 from protocol.stores.memory import MemoryStore
 
 torch.set_num_threads(1)

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from node.state import load_local_state
 from protocol.digest import weights_digest
 from tests.network import (
     REPO,
@@ -22,7 +23,6 @@ from tests.network import (
     small_manifest,
     wait_for,
 )
-
 
 pytestmark = pytest.mark.slow  # real multi-process networks: run with `pytest -m slow`
 
@@ -148,3 +148,21 @@ def _small_manifest_file(tmp_path):
     path = tmp_path / "small.toml"
     path.write_text(small_manifest().to_toml())
     return path
+
+
+def test_a_validator_away_while_its_windows_were_collected_catches_up_from_a_checkpoint(template, tmp_path):
+    run = copy_run(template, tmp_path / "run", peers=("p0", "p1"))  # keeps 4 windows, a checkpoint every 2
+    peers = [PeerProcess(run.root, name, run.manifest_path, run.uri, windows=8) for name in ("p0", "p1")]
+    for p in peers:
+        assert p.wait(timeout=600) == 0, p.log()
+    assert not (run.root / "store" / "windows" / "000000").exists(), "window 0 should have been collected"
+    vdir = run.root / "validator"
+    res = subprocess.run(
+        [sys.executable, "-m", "locoswarm.cli", "validator", "--store", run.uri, "--manifest", str(run.manifest_path),
+         "--workdir", str(vdir), "--windows", "8", "--threads", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = load_local_state(vdir / "state.safetensors")
+    assert state.window == 8
+    assert weights_digest(state.weights).hex() == final_digest(peers[0])

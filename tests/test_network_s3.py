@@ -18,9 +18,9 @@ import uuid
 import pytest
 
 from node.checkpoint import checkpoint_windows, fetch_checkpoint
-from protocol.digest import weights_digest
-from node.state import load_local_state
 from node.genesis import init_run
+from node.state import load_local_state
+from protocol.digest import weights_digest
 from protocol.stores import StoreSettings, open_store
 from protocol.stores.base import Store
 from protocol.stores.s3 import S3Store

@@ -3,6 +3,7 @@ hostile holders, caps, re-announcement and late joiners."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -167,3 +168,24 @@ def test_joining_through_a_dead_peer_fails_with_a_store_error(p2p_store_factory:
     a.close()
     with pytest.raises(StoreError):
         p2p_store_factory(initial_peers=maddrs, startup_timeout=15.0)
+
+
+def test_a_key_naming_a_peer_cannot_be_repointed_by_anyone_else(p2p_store_factory: Factory) -> None:
+    """Re-pointing another peer's payload key (and back-dating it) is refused by every node:
+    a key that names a peer is bound to that peer's signature."""
+    owner, thief = Identity.from_seed(b"owner"), Identity.from_seed(b"thief")
+    a = p2p_store_factory(identity=owner)
+    b = p2p_store_factory(initial_peers=a.visible_maddrs, identity=thief)
+    c = p2p_store_factory(initial_peers=a.visible_maddrs)
+    key = f"windows/000001/payloads/{owner.peer_id}.lsp"
+    a.put(key, b"the owner's bytes")
+    with pytest.raises(StoreError):
+        b.put(key, b"the thief's bytes")
+    assert c.get(key) == b"the owner's bytes"
+    assert not P2PStore.trusted_clock  # created_at is the writer's claim: nothing orders uploads by it
+    forged = sign_record(thief, KIND, a.run, {
+        "key": key, "sha256": hashlib.sha256(b"x").hexdigest(), "size": 1, "holder": b.peer_id, "addrs": [],
+        "created_at": 0.0, "deleted": False,
+    })
+    with pytest.raises(RecordRejected, match="not by its owner"):
+        parse_record(forged, a.run)

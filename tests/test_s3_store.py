@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import inspect
-import socket
 import string
 import threading
 import time
@@ -20,12 +19,12 @@ import urllib3.exceptions
 
 from protocol.announce import make_announcement, read_announcement
 from protocol.errors import (
-    IntegrityError,
-    ObjectNotFound,
-    RecordRejected,
     AccessDenied,
     BucketNotFound,
+    IntegrityError,
+    ObjectNotFound,
     ObjectTooLarge,
+    RecordRejected,
     StoreError,
     StoreTimeout,
     StoreUnavailable,
@@ -161,14 +160,13 @@ def _instances_of_every_botocore_error() -> list[Exception]:
         urllib3.exceptions.ProtocolError("connection broken"),
         urllib3.exceptions.ReadTimeoutError(None, "/", "read timed out"),
         ConnectionResetError("reset"),
-        socket.timeout("timed out"),
+        TimeoutError("timed out"),
     ],
     ids=lambda e: type(e).__name__,
 )
 def test_every_library_error_becomes_a_chained_store_error(error: Exception) -> None:
-    with pytest.raises(StoreError) as info:
-        with _translate("get", "d/k.bin"):
-            raise error
+    with pytest.raises(StoreError) as info, _translate("get", "d/k.bin"):
+        raise error
     assert info.value.__cause__ is error
     assert info.value.key == "d/k.bin"
 

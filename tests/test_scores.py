@@ -6,8 +6,8 @@ import pytest
 
 from protocol.errors import RecordRejected
 from protocol.identity import Identity
-from protocol.records import sign_record
 from protocol.paths import score_key
+from protocol.records import sign_record
 from protocol.scores import (
     PeerScore,
     combine,
@@ -73,7 +73,7 @@ GOOD_ENTRY = {"weight": 0.5, "included": True, "standing": False, "components": 
         ({"window": True, "peers": {}}, "bool"),
         ({"window": -1, "peers": {}}, ">= 0"),
         ({"window": 7, "peers": []}, "peers"),
-        ({"window": 7, "peers": {}, "extra": 1}, "unknown fields"),
+        ({"window": 7, "peers": {}, "extra": 1}, "has fields"),
         ({"window": 7, "peers": {"not-a-peer-id": GOOD_ENTRY}}, "invalid peer id"),
         ({"window": 7, "peers": {P[0]: {**GOOD_ENTRY, "weight": 1}}}, "weight"),
         ({"window": 7, "peers": {P[0]: {**GOOD_ENTRY, "weight": 1.5}}}, r"\[0, 1\]"),

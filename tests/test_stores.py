@@ -114,3 +114,20 @@ def test_invalid_keys_are_refused(pair: tuple[Store, Store]) -> None:
         with pytest.raises(StoreError):
             reader.get(key)
     assert reader.list("") == []
+
+
+def test_file_store_survives_what_other_writers_plant(tmp_path: Path) -> None:
+    """Whoever shares a file store's directory can plant a directory under a key (to block its
+    owner's next write), a FIFO (to hang a reader) or a link to a device (to feed it forever)."""
+    import os
+
+    store = FileStore(tmp_path / "store")
+    squatted = tmp_path / "store" / "w" / "mine.lsp"
+    (squatted / "x").mkdir(parents=True)
+    store.put("w/mine.lsp", b"payload")
+    assert store.get("w/mine.lsp") == b"payload"
+    os.mkfifo(tmp_path / "store" / "w" / "fifo.lsp")
+    (tmp_path / "store" / "w" / "zero.lsp").symlink_to("/dev/zero")
+    for key in ("w/fifo.lsp", "w/zero.lsp"):
+        with pytest.raises(ObjectNotFound, match="regular file"):
+            store.get(key, max_bytes=1 << 20)

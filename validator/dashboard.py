@@ -65,8 +65,10 @@ def _finite(x: float | None) -> float | None:
 class DashboardState:
     """What the dashboard shows; the validator updates it, the server threads read it."""
 
-    def __init__(self, run: str, validator_id: str, *, registry: CollectorRegistry | None = None, history: int = 1000):
+    def __init__(self, run: str, validator_id: str, *, registry: CollectorRegistry | None = None, history: int = 1000,
+                 max_rows: int = 1000):
         self.run = run
+        self.max_rows = max_rows
         self.validator_id = validator_id
         self.registry = registry or CollectorRegistry()
         self.metrics = SwarmMetrics(self.registry)
@@ -92,14 +94,22 @@ class DashboardState:
                 view = self._peers.setdefault(peer, PeerView(peer))
                 view.payload_bytes, view.last_window = size, window
             included = sum(1 for v in self._peers.values() if v.included)
+            # Rows, and the metric series that survive into the next window: counted peers
+            # first, then by weight, then the most recently seen; a swarm of fresh keys
+            # cannot grow either without bound.
+            ranked = sorted(self._peers.values(),
+                            key=lambda v: (not v.included, -(v.weight or 0.0), -(v.last_window or -1), v.peer))
+            self._peers = {v.peer: v for v in ranked[: self.max_rows]}
             self._updated = time.time()
         self.metrics.window.set(window)
         if heldout_loss is not None:
             self.metrics.heldout_loss.set(heldout_loss)
         self.metrics.window_bytes.set(total)
         self.metrics.peers_included.set(included)
+        self.metrics.payload_bytes.keep(v.peer for v in ranked)
+        self.metrics.peer_weight.keep(v.peer for v in ranked)
         for peer, size in payload_bytes.items():
-            self.metrics.payload_bytes.labels(peer=peer).set(size)
+            self.metrics.payload_bytes.set(peer, size)
 
     def update_peer(self, peer: str, **fields: Any) -> None:
         """Set some fields of a peer's row (names of ``PeerView``); unknown names are a bug."""
@@ -112,7 +122,7 @@ class DashboardState:
             weight = view.weight
             self._updated = time.time()
         if weight is not None:
-            self.metrics.peer_weight.labels(peer=peer).set(weight)
+            self.metrics.peer_weight.set(peer, weight)
 
     def record_scores(self, table: Mapping[str, PeerScore]) -> None:
         """Copy a window's published scores (weight, inclusion, components, rating) into rows."""
@@ -331,7 +341,7 @@ tr.excluded td {{ color: #888; }} .charts {{ display: flex; flex-wrap: wrap; gap
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             body = render_html(self.server.state.snapshot(), refresh_seconds=self.server.refresh_seconds).encode()
@@ -351,7 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("dashboard %s: " + format, self.address_string(), *args)
 
 

@@ -27,14 +27,20 @@ def check_key(key: str) -> str:
     extension. So no object's key is ever a directory of another one: nobody can turn a
     payload key into a directory (``<key>/x``) and keep its owner from publishing.
     """
-    if len(key) > MAX_KEY_CHARS or not _KEY.match(key):
+    if len(key) > MAX_KEY_CHARS or not _KEY.fullmatch(key):
         raise InvalidKey("invalid object key", key=key)
     return key
 
 
+def is_valid_key(key: str) -> bool:
+    """Whether ``check_key`` would accept ``key`` (listings leave out every other key: no
+    store operation could address it, and nothing should read it)."""
+    return len(key) <= MAX_KEY_CHARS and bool(_KEY.fullmatch(key))
+
+
 def check_directory(directory: str) -> str:
     """Refuse a directory (``a/b/``, or ``""`` for the top) no key could live in."""
-    if len(directory) > MAX_KEY_CHARS or not _DIRECTORY.match(directory):
+    if len(directory) > MAX_KEY_CHARS or not _DIRECTORY.fullmatch(directory):
         raise InvalidKey("invalid directory", key=directory)
     return directory
 
@@ -70,7 +76,8 @@ class Store(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        """Objects whose key starts with ``prefix``, sorted by key."""
+        """Objects whose key starts with ``prefix``, sorted by key; keys that are not valid
+        (``is_valid_key``), which another writer may have made, are left out."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 from protocol.errors import ObjectNotFound, ObjectTooLarge, StoreUnavailable
-from protocol.stores.base import ObjectInfo, Store, check_key
+from protocol.stores.base import ObjectInfo, Store, check_key, is_valid_key
+
+log = logging.getLogger(__name__)
 
 
 class FileStore(Store):
@@ -26,6 +31,11 @@ class FileStore(Store):
 
     def _write_tmp(self, path: Path, data: bytes) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            # A valid key names a file and no valid key lies under it (directories carry no
+            # dot, keys do), so a directory here was planted by another writer to block us.
+            log.warning("removing the directory squatting on %r", path.name)
+            shutil.rmtree(path, ignore_errors=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,11 +67,17 @@ class FileStore(Store):
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if max_bytes is not None and size > max_bytes:
-                    raise ObjectTooLarge(f"object is {size} bytes, over the cap of {max_bytes}", key=key)
-                return f.read()
+            # O_NONBLOCK: a planted FIFO must not block the open; only regular files are objects.
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ObjectNotFound("not a regular file", key=key)
+                if max_bytes is not None and st.st_size > max_bytes:
+                    raise ObjectTooLarge(f"object is {st.st_size} bytes, over the cap of {max_bytes}", key=key)
+                data = f.read(st.st_size if max_bytes is None else max_bytes + 1)
+                if max_bytes is not None and len(data) > max_bytes:  # grew while we read
+                    raise ObjectTooLarge(f"object grew past the cap of {max_bytes}", key=key)
+                return data
         except FileNotFoundError as exc:
             raise ObjectNotFound("no such object", key=key) from exc
         except IsADirectoryError as exc:
@@ -80,7 +96,7 @@ class FileStore(Store):
                         continue
                     full = Path(dirpath) / name
                     key = full.relative_to(self.root).as_posix()
-                    if key.startswith(prefix):
+                    if key.startswith(prefix) and is_valid_key(key):
                         try:
                             st = full.stat()
                         except FileNotFoundError:

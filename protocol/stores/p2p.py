@@ -121,7 +121,8 @@ def _directory(key: str) -> tuple[str, str]:
 
 def parse_record(data: bytes, run: str) -> ObjectRecord:
     """Verify signature and run, then every field, strictly; raise ``RecordRejected``."""
-    record = verify_record(data, kind=KIND, run=run, max_bytes=MAX_RECORD_BYTES)
+    record = verify_record(data, kind=KIND, run=run, max_bytes=MAX_RECORD_BYTES,
+                           fields=("key", "sha256", "size", "holder", "addrs", "created_at", "deleted"))
     body = record.body
     key = require(body, "key", str, KIND)
     try:
@@ -209,7 +210,7 @@ def _translate(op: str, key: str | None) -> Iterator[None]:
         yield
     except StoreError:
         raise
-    except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
+    except (TimeoutError, concurrent.futures.TimeoutError) as exc:
         raise StoreTimeout(f"{op}: no answer in time", key=key) from exc
     except (P2PDaemonError, P2PHandlerError) as exc:
         raise StoreUnavailable(f"{op}: libp2p failed: {exc}", key=key) from exc
@@ -320,7 +321,7 @@ class P2PStore(Store):
                     writer.write(view[offset : offset + STREAM_CHUNK])
                     await asyncio.wait_for(writer.drain(), self.chunk_timeout)
             await asyncio.wait_for(writer.drain(), self.chunk_timeout)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             log.info("p2p serve: a reader went away: %s", exc)
         finally:
             writer.close()
@@ -334,7 +335,7 @@ class P2PStore(Store):
             for key, record in items:
                 try:
                     await self._announce(key, record)
-                except (StoreError, P2PDaemonError, OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, StoreError, P2PDaemonError, OSError) as exc:
                     log.warning("p2p: re-announcing %r failed: %s", key, exc)
 
     async def _announce(self, key: str, record: bytes) -> bool:

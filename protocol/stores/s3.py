@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +48,7 @@ from protocol.errors import (
     StoreUnavailable,
 )
 from protocol.retry import RetryPolicy
-from protocol.stores.base import ObjectInfo, Store, check_key
+from protocol.stores.base import ObjectInfo, Store, check_key, is_valid_key
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ def _translate(op: str, key: str | None) -> Iterator[None]:
         raise StoreTimeout(f"{op}: no answer in time: {exc}", key=key) from exc
     except urllib3.exceptions.HTTPError as exc:
         raise StoreUnavailable(f"{op}: connection failed: {exc}", key=key) from exc
-    except (TimeoutError, socket.timeout) as exc:
+    except TimeoutError as exc:
         raise StoreTimeout(f"{op}: no answer in time: {exc}", key=key) from exc
     except OSError as exc:
         raise StoreUnavailable(f"{op}: connection failed: {exc}", key=key) from exc
@@ -312,7 +311,8 @@ class S3Store(Store):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", []):
                     key = item["Key"][len(self.prefix):]
-                    out.append(ObjectInfo(key, int(item["Size"]), item["LastModified"].timestamp()))
+                    if is_valid_key(key):
+                        out.append(ObjectInfo(key, int(item["Size"]), item["LastModified"].timestamp()))
             return sorted(out, key=lambda o: o.key)
 
         return self._attempt("list", prefix, list_all)
