@@ -3,6 +3,7 @@
 - ``codec.py``        payload bits per parameter, error and speed vs the reference format
 - ``convergence.py``  SparseLoCo vs DiLoCo vs DDP (+LoCo) vs training alone, at equal tokens
 - ``wan.py``          peers in network namespaces behind tc-limited links (needs root)
+- ``window.py``       one window of the real peer: seconds per phase, overhead, memory
 - ``netns.py``        the namespaces, veth pairs and tbf links ``wan.py`` runs in
 - ``reference.py``    the reference SparseLoCo wire format the codec bench compares against
 
@@ -19,6 +20,7 @@ BENCHES = {
     "codec": "payload size, error and speed vs the reference format",
     "convergence": "SparseLoCo vs DiLoCo vs DDP (+LoCo) vs single at equal tokens",
     "wan": "peers in network namespaces behind tc-limited links (root)",
+    "window": "one window of the real peer: seconds per phase, overhead over training, memory",
 }
 
 

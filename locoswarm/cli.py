@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--windows", type=int, default=0, help="stop after this window (default 0: run forever)")
-    p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation every N windows (0 = never)")
+    p.add_argument("--eval-every", type=int, default=5,
+                   help="held-out evaluation every N windows (default 5; 0 = never): it costs as much as a few "
+                        "inner steps and is not needed to train")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="sequences per forward/backward (default 0: the memory plan's choice; the whole batch on CPU)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
     p.add_argument("--publish-store", default=None,
                    help="s3://bucket/prefix only this peer writes to; others read it through presigned URLs")

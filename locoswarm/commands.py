@@ -104,6 +104,7 @@ def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
         threads=args.threads,
         max_windows=args.windows,
         eval_every=args.eval_every,
+        micro_batch=args.micro_batch,
         metrics_port=args.metrics_port,
         comm=args.comm,
         policy=settings.policy,

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from node.accounting import PHASES
 from node.genesis import init_run
 from node.progress import read_history, read_progress
 from protocol.identity import Identity
@@ -163,7 +164,7 @@ def run_up(args: argparse.Namespace) -> int:
     procs = []
     for name in names:
         cmd = base + ["--workdir", str(workdir / "peers" / name), "--windows", str(args.windows),
-                      "--threads", str(args.threads)]
+                      "--threads", str(args.threads), "--eval-every", "1"]  # the demo draws every window
         procs.append(_spawn(cmd, workdir / "peers" / name / "log.txt"))
     validators = []
     for vdir in validator_dirs:
@@ -245,7 +246,7 @@ def _summarize(console: Console, args, workdir: Path, rows, histories, procs, va
         "wall_seconds": round(wall, 1),
         "seconds_per_phase": {
             k: round(statistics.mean(r["accounting"]["seconds"][k] for r in rows if r), 2)
-            for k in ("compute", "upload", "wait", "download", "aggregate")
+            for k in PHASES
         } if any(rows) else {},
         "failed_peers": failed,
         "failed_validators": failed_validators,

@@ -1,14 +1,23 @@
 """Honest accounting of what a node spent: tokens, bytes each way, seconds per phase, and
-how often the store failed it after all of the store's own retries."""
+how often the store failed it after all of the store's own retries.
+
+Every second of a window is counted in exactly one phase: phases nest (a closer downloads
+while it waits), and the innermost one is charged while it runs, the outer one only for the
+rest. Only the thread that opened the first phase is timed; helper threads (a pool of
+downloads) run inside a phase the caller holds.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-PHASES = ("compute", "upload", "wait", "download", "aggregate")
+PHASES = ("compute", "encode", "upload", "wait", "download", "aggregate", "digest", "eval", "save")
+"""compute: the inner steps; encode: pseudo-gradient, error feedback, codec, signature;
+download: fetching and decoding payloads; aggregate: aggregation and the outer step."""
 
 
 @dataclass
@@ -19,20 +28,47 @@ class Accounting:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     store_errors: int = 0
     """Store operations that failed even after retries (outages the node waited out)."""
+    _stack: list[str] = field(default_factory=list, repr=False)
+    _since: float = field(default=0.0, repr=False)
+    _owner: int | None = field(default=None, repr=False)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        """Charge the time inside to ``name`` (and not to the phase it interrupts)."""
+        if name not in self.seconds:
+            raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
+        me = threading.get_ident()
+        if self._owner not in (None, me):  # a helper thread: its caller's phase counts it
+            yield
+            return
+        self._owner = me
+        self._switch(name)
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - t0
+            self._charge()
+            self._stack.pop()
+            self._since = time.perf_counter()
+            if not self._stack:
+                self._owner = None
+
+    def _switch(self, name: str) -> None:
+        if self._stack:
+            self._charge()
+        self._stack.append(name)
+        self._since = time.perf_counter()
+
+    def _charge(self) -> None:
+        now = time.perf_counter()
+        self.seconds[self._stack[-1]] += now - self._since
+        self._since = now
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"tokens": self.tokens, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "seconds": dict(self.seconds), "store_errors": self.store_errors}
 
     def restore(self, d: dict) -> None:
         """Continue the totals saved by ``to_dict`` (a resumed node keeps counting)."""
         self.tokens, self.bytes_up, self.bytes_down = int(d["tokens"]), int(d["bytes_up"]), int(d["bytes_down"])
-        self.seconds = dict.fromkeys(PHASES, 0.0) | {k: float(v) for k, v in d["seconds"].items()}
+        self.seconds = dict.fromkeys(PHASES, 0.0) | {k: float(v) for k, v in d["seconds"].items() if k in PHASES}
         self.store_errors = int(d.get("store_errors", 0))

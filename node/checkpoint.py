@@ -21,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load, save_file
 
 from protocol import paths
 from protocol.digest import weights_digest
@@ -45,43 +48,57 @@ def meta_key(window: int, digest: bytes) -> str:
     return f"{paths.checkpoint_dir(window)}{digest.hex()}.json"
 
 
-def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tensor]) -> bytes:
-    """Publish the global weights at the start of ``window``; returns their digest."""
-    blob = save({k: v.detach().to("cpu").contiguous() for k, v in sorted(weights.items())})
+def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tensor], scratch: Path) -> bytes:
+    """Publish the global weights at the start of ``window``; returns their digest.
+
+    The safetensors file is written under the directory ``scratch`` and uploaded from there
+    (multipart on S3), so a large model is never one more copy in memory; the small meta
+    object is the commit marker, written last."""
     digest = weights_digest(weights)
-    meta = {"window": window, "digest": digest.hex(), "sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
-    store.put(weights_key(window, digest), blob)
-    store.put(meta_key(window, digest), json.dumps(meta, sort_keys=True).encode())  # the commit marker, last
+    scratch.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=scratch, prefix=".checkpoint-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(weights.items())}, tmp)
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        size = os.path.getsize(tmp)
+        store.put_file(weights_key(window, digest), Path(tmp))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    meta = {"window": window, "digest": digest.hex(), "sha256": h.hexdigest(), "size": size}
+    store.put(meta_key(window, digest), json.dumps(meta, sort_keys=True).encode())
     return digest
 
 
-def checkpoint_windows(store: Store, every: int) -> Iterator[int]:
-    """Windows that have some checkpoint object, newest first (whether one is right is for
-    the caller to check against the run's decisions).
+def checkpoint_windows(store: Store, every: int, after: int = -1) -> Iterator[int]:
+    """Windows after ``after`` with a committed checkpoint (its meta object), newest first;
+    whether one is right is for the caller to check against the run's decisions.
 
-    Lists ``checkpoints/`` when the store can list that deep; a store whose listing is one
-    level deep (p2p) is probed at multiples of ``every`` (galloping to the newest, then
-    stepping down).
+    Checkpoints are due at multiples of ``every`` (never at 0: genesis is not published). The
+    newest is found by probing one checkpoint directory at a time, galloping up from the
+    first due after ``after`` and then bisecting: O(log n) small listings however many
+    checkpoints the run keeps, and the same on stores that list one level deep (p2p). A
+    missing checkpoint at the start of the search (its publisher failed) is stepped over.
     """
-    listed = {w for o in store.list("checkpoints/")
-              if (w := paths.window_of_key(o.key)) is not None and o.key.endswith(".json")}
-    if listed:
-        yield from sorted(listed, reverse=True)
-        return
-
     def published(k: int) -> bool:
         return any(o.key.endswith(".json") for o in store.list(paths.checkpoint_dir(k * every)))
 
-    if not published(0):
+    first = max(1, after // every + 1)
+    start = next((k for k in (first, first + 1) if published(k)), None)
+    if start is None:
         return
-    lo, hi = 0, 1
-    while published(hi):
-        lo, hi = hi, hi * 2
+    lo, step = start, 1
+    while published(lo + step):
+        lo, step = lo + step, step * 2
+    hi = lo + step
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if published(mid) else (lo, mid)
-    for k in range(lo, -1, -1):
-        if published(k):
+    for k in range(lo, first - 1, -1):
+        if k == lo or published(k):
             yield k * every
 
 

@@ -29,8 +29,12 @@ class NodeConfig:
     """Stop after the window with this index has been applied; 0 runs until interrupted."""
     poll_seconds: float = 0.2
     """How often a waiting peer lists the store, in seconds."""
-    eval_every: int = 1
-    """Evaluate the shared model's held-out loss every this many windows; 0 never."""
+    eval_every: int = 5
+    """Evaluate the shared model's held-out loss every this many windows (never while
+    catching up); 0 never. It costs about as much as a few inner steps."""
+    micro_batch: int = 0
+    """Sequences per forward and backward (gradients accumulate over a batch); 0 lets the
+    memory plan choose (``node/memory.py``: the whole batch on a CPU)."""
     publish_checkpoints: bool = True
     """Publish the global weights every ``run.checkpoint_every`` windows."""
     comm: str | None = None
@@ -46,6 +50,8 @@ class NodeConfig:
             check_choice("--comm", self.comm, COMM_CHOICES)
         if self.poll_seconds <= 0:
             raise ManifestError("poll_seconds must be > 0")
+        if self.micro_batch < 0 or self.eval_every < 0:
+            raise ManifestError("--micro-batch and --eval-every must be >= 0")
 
     @property
     def key_file(self) -> Path:

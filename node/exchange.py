@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from node.accounting import Accounting
 from protocol import paths
 from protocol.announce import (
@@ -88,7 +90,9 @@ class Exchange:
         policy: RetryPolicy | None = None,
         own_store: S3Store | None = None,
         addresses: AddressPolicy | None = None,
+        device: torch.device | str = "cpu",
     ):
+        """``device``: where payloads are decoded (and later aggregated)."""
         self.store = store
         self.own_store = own_store
         self.identity = identity
@@ -96,6 +100,7 @@ class Exchange:
         self.acct = accounting
         self.policy = policy or RetryPolicy()
         self.reader = UrlReader(self.policy, addresses or AddressPolicy())
+        self.device = torch.device(device)
         self._verified: dict[tuple[int, str], Payload] = {}  # (window, sha256) of the open window
 
     # ------------------------------------------------------------------ publish
@@ -197,11 +202,20 @@ class Exchange:
             return self._verified[(window, sha256)], None
         with self.acct.phase("download"):
             data = self.fetch(window, peer, expect.max_bytes, sha256)
-        payload = decode_payload(data, replace(expect, peer_id=peer))
+            payload = self._keep(window, peer, data, expect)
+        return payload, data
+
+    def remember(self, window: int, data: bytes, expect: Expectation) -> None:
+        """Our own published payload: checked as anyone's, and never downloaded back."""
+        with self.acct.phase("download"):
+            self._keep(window, self.identity.peer_id, data, expect)
+
+    def _keep(self, window: int, peer: str, data: bytes, expect: Expectation) -> Payload:
+        payload = decode_payload(data, replace(expect, peer_id=peer), device=self.device)
         digest = hashlib.sha256(data).hexdigest()
         self._verified = {k: v for k, v in self._verified.items() if k[0] == window}
         self._verified[(window, digest)] = payload
-        return payload, data
+        return payload
 
     def gather(self, included: tuple[Included, ...], expect: Expectation) -> Gathered:
         """Fetch and verify every payload a decision counts, ``FETCH_WORKERS`` at a time.
@@ -215,7 +229,8 @@ class Exchange:
         def one(inc: Included) -> Payload:
             return self.verify(inc.peer_id, expect, inc.sha256)[0]
 
-        with ThreadPoolExecutor(max_workers=max(1, min(FETCH_WORKERS, len(included)))) as pool:
-            for inc, payload in zip(included, pool.map(one, included)):
+        with self.acct.phase("download"), \
+                ThreadPoolExecutor(max_workers=max(1, min(FETCH_WORKERS, len(included)))) as pool:
+            for inc, payload in zip(included, pool.map(one, included)):  # each decoded as it arrives
                 out.accepted[inc.peer_id], out.sha256[inc.peer_id] = payload, inc.sha256
         return out

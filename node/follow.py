@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -33,7 +34,7 @@ from node.checkpoint import checkpoint_windows, fetch_checkpoint
 from node.exchange import Exchange, Gathered, address_policy
 from node.replica import Replica
 from protocol import paths
-from protocol.aggregate import aggregate
+from protocol.aggregate import iter_aggregate
 from protocol.codec_types import TensorLayout
 from protocol.consensus import (
     MAX_DECISION_BYTES,
@@ -293,9 +294,7 @@ class Follower:
     def verified_checkpoint(self, newer_than: int = -1) -> Replica | None:
         """The newest checkpoint (after ``newer_than``) with the digest the run's decision of
         that window certifies; missing, bad or uncertified ones are skipped (logged)."""
-        for window in checkpoint_windows(self.store, self.manifest.run.checkpoint_every):
-            if window <= newer_than:
-                return None
+        for window in checkpoint_windows(self.store, self.manifest.run.checkpoint_every, after=newer_than):
             decision = self.decisions.read(window)
             if decision is None:
                 self._once.warn(paths.checkpoint_dir(window), "no decision certifies a checkpoint of this window")
@@ -305,21 +304,25 @@ class Follower:
             except CheckpointError as exc:
                 log.warning("skipping the checkpoint of window %d: %s", window, exc)
                 continue
-            return Replica(weights, window)
+            return Replica(weights, window, device=self.replica.device)
         return None
 
     def gather(self, decision: Decision) -> Gathered:
         return self.exchange.gather(decision.included, self.expectation(decision.window))
 
-    def advance(self, decision: Decision, gathered: Gathered) -> dict[str, torch.Tensor]:
-        """Aggregate the decision's payloads and take the outer step; returns the aggregate."""
+    def advance(self, decision: Decision, gathered: Gathered,
+                on_tensor: Callable[[str, torch.Tensor], None] | None = None) -> None:
+        """Aggregate the decision's payloads and take the outer step, one tensor at a time
+        (``on_tensor`` sees each aggregate tensor after it was applied)."""
         check_base(self.replica, decision)
         outer = self.manifest.outer
-        update = aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip,
-                           reference=decision.value.standing)
-        self.replica.apply(update, outer.lr)
+        for name, update in iter_aggregate(gathered.contributions(), self.layouts, rule=outer.rule, clip=outer.clip,
+                                           reference=decision.value.standing):
+            self.replica.step(name, update, outer.lr)
+            if on_tensor is not None:
+                on_tensor(name, update)
+        self.replica.finish_window()
         self.applied(decision)
-        return update
 
     def applied(self, decision: Decision) -> None:
         """Note that ``decision`` was applied to ``replica`` (the schedule follows from it)."""

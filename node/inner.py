@@ -9,6 +9,7 @@ assigned batch, so N GPUs of one peer train exactly what one device would, faste
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -39,10 +40,16 @@ class InnerResult:
 class InnerLoop:
     """Owns the inner AdamW optimizer; its state carries over from window to window."""
 
-    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, *, ddp_model: torch.nn.Module | None = None):
+    def __init__(self, model: torch.nn.Module, cfg: InnerConfig, *, ddp_model: torch.nn.Module | None = None,
+                 autocast: torch.dtype | None = None, micro_batch: int = 0):
+        """``autocast``: dtype of the forward and backward (None: float32); ``micro_batch``:
+        sequences per forward and backward, gradients accumulating over the batch (0: all)."""
         self.model = model
         self.train_model = ddp_model or model
+        self.ddp = ddp_model is not None
         self.cfg = cfg
+        self.autocast = autocast
+        self.micro_batch = micro_batch
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -61,9 +68,7 @@ class InnerLoop:
             local = batch[rank::world] if world > 1 else batch
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(window * self.cfg.steps + i, self.cfg)
-            loss = lm_loss(self.train_model, local)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._forward_backward(local)
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
@@ -71,9 +76,36 @@ class InnerLoop:
             if world > 1:
                 dist.all_reduce(value)
                 value /= world
-            losses.append(float(value))
+            losses.append(value)  # read back once at the end: no device sync per step
             tokens += batch.shape[0] * (batch.shape[1] - 1)
-        return InnerResult(sum(losses) / len(losses), tokens)
+        return InnerResult(sum(float(v) for v in losses) / len(losses), tokens)
+
+    def _forward_backward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Gradients of the batch's mean loss (in micro-batches when planned); the loss."""
+        parts = batch.split(self.micro_batch) if 0 < self.micro_batch < batch.shape[0] else (batch,)
+        if len(parts) == 1:
+            with self._autocast(batch):
+                loss = lm_loss(self.train_model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=batch.device)
+        for j, part in enumerate(parts):
+            weight = part.shape[0] / batch.shape[0]
+            # Under DDP, ranks exchange gradients once per batch, at its last micro-batch.
+            sync = contextlib.nullcontext() if not self.ddp or j == len(parts) - 1 else self.train_model.no_sync()
+            with sync:
+                with self._autocast(part):
+                    loss = lm_loss(self.train_model, part)
+                (loss * weight).backward()
+            total += loss.detach() * weight
+        return total
+
+    def _autocast(self, batch: torch.Tensor) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=batch.device.type, dtype=self.autocast)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """AdamW moments by parameter name, for the resumable state file."""

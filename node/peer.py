@@ -28,11 +28,18 @@ from node.ddp import wrap_ddp
 from node.exchange import Exchange, Gathered, address_policy
 from node.follow import Follower, check_run_manifest
 from node.inner import InnerLoop, InnerResult
+from node.memory import ModelShape, plan_memory
 from node.metrics import SwarmMetrics, start_metrics_server
 from node.model import build_model, heldout_loss, param_shapes
 from node.progress import History, write_progress
 from node.replica import Replica
-from node.state import LocalState, load_local_state, save_local_state
+from node.state import (
+    BackgroundWriter,
+    LocalState,
+    load_local_state,
+    save_local_state,
+    snapshot,
+)
 from protocol.assignment import assigned_batches
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import CompressedTensor, model_layout
@@ -75,7 +82,11 @@ class Peer:
         self.acct = Accounting()
         self.data = TokenData.load(manifest, store, node.cache_dir)
         self.model = build_model(manifest.model, self.data.vocab_size, manifest.data.seq_len, manifest.run.seed)
-        self.model.to(node.device)
+        shape = ModelShape.of(self.model, manifest.data.seq_len, -(-manifest.data.batch_size // self.world))
+        self.plan = plan_memory(node.device, shape, micro_batch=node.micro_batch)
+        """Where every tensor of the window lives (node/memory.py)."""
+        log.info("memory plan: %s", self.plan.describe())
+        self.model.to(self.plan.device)
         self.shapes = param_shapes(self.model)
         self.layouts = model_layout(self.shapes, manifest.codec)
         ddp = None
@@ -83,10 +94,13 @@ class Peer:
         if self.world > 1:
             ddp, _ = wrap_ddp(self.model, comm=self.comm, device=torch.device(node.device))
             log.info("one peer on %d ranks, gradient communication %s", self.world, self.comm)
-        self.inner = InnerLoop(self.model, manifest.inner, ddp_model=ddp)
-        self.ef = ErrorFeedback(self.layouts, manifest.codec, node.device)
+        self.inner = InnerLoop(self.model, manifest.inner, ddp_model=ddp, autocast=self.plan.autocast,
+                               micro_batch=self.plan.micro_batch)
+        self.ef = ErrorFeedback(self.layouts, manifest.codec, self.plan.state_device, compute=self.plan.device)
         self.exchange = Exchange(store, self.identity, manifest.run_key, self.acct, policy=node.policy,
-                                 own_store=own_store, addresses=address_policy(manifest))
+                                 own_store=own_store, addresses=address_policy(manifest), device=self.plan.device)
+        self.writer = BackgroundWriter()
+        """Writes the resumable state (and checkpoints we publish) off the window's path."""
         self.history = History(node.workdir / "history.jsonl")
         self.last: dict = {}
         """The newest history entry (the live display and ``up`` show it)."""
@@ -111,7 +125,7 @@ class Peer:
         checkpoint the run's decisions certify, if there is one."""
         state = load_local_state(self.node.state_file) if self.leader else None
         if state is not None:
-            replica = Replica(state.weights, state.window)
+            replica = Replica(state.weights, state.window, device=self.plan.state_device)
             self.inner.load_optimizer_tensors(state.optimizer)
             self.ef.load_state_dict(state.error_feedback)
             self.acct.restore(state.meta["accounting"])
@@ -120,7 +134,7 @@ class Peer:
             self.origin = {"from": "state", "window": replica.window}
             log.info("resumed at window %d from %s", replica.window, self.node.state_file)
         else:
-            replica = Replica(dict(self.model.named_parameters()), 0)
+            replica = Replica(dict(self.model.named_parameters()), 0, device=self.plan.state_device)
             self.origin = {"from": "genesis", "window": 0}
         if self.world > 1:
             replica.broadcast()
@@ -144,11 +158,13 @@ class Peer:
         if not self.leader:
             return self.receive_window(w, result)
         expect = self.follower.expectation(w)
-        with self.acct.phase("compute"):
+        with self.acct.phase("encode"):
             sent = self.ef.compress(self.replica.pseudo_gradient(self.model))              # pseudo-gradient, EF, codec
             blob = self.sign_payload(w, sent, result.tokens)
         self.progress("publish", w, train_loss=result.mean_loss)
         published = self.exchange.publish(w, blob, deadline)                               # publish
+        if published:
+            self.exchange.remember(w, blob, expect)  # gathering never downloads our own back
         decision = self.wait_for_decision(w, expect, deadline)                             # close
         gathered = self.wait_for_payloads(decision)                                        # gather
         if not published or self.peer_id not in gathered.accepted:
@@ -158,8 +174,7 @@ class Peer:
             self.follower.advance(decision, gathered)                                      # aggregate, outer step
             self.replica.load_into(self.model)
         report = self.record(decision, gathered, train_loss=result.mean_loss, payload_bytes=len(blob))  # digest
-        self.save()                                                                        # resumable state
-        self.housekeeping(decision)                                                        # checkpoint, gc
+        self.persist(publishes=self._publishes(decision))                                 # state, checkpoint, gc
         if self.world > 1:
             self.replica.broadcast()
         return report
@@ -224,17 +239,22 @@ class Peer:
                payload_bytes: int) -> WindowReport:
         """History, metrics and progress for an applied window (evaluated every ``eval_every``)."""
         w = decision.window
-        heldout = self.heldout_loss() if self.node.eval_every and self.replica.window % self.node.eval_every == 0 else None
+        with self.acct.phase("digest"):
+            digest = self.replica.digest.hex()
+        heldout = None
+        if self.node.eval_every and self.replica.window % self.node.eval_every == 0:
+            with self.acct.phase("eval"):
+                heldout = self.heldout_loss()
         entry = {
             "window": w, "train_loss": train_loss, "heldout_loss": heldout, "included": len(gathered.accepted),
             "payload_bytes": payload_bytes, "bytes_up": self.acct.bytes_up, "bytes_down": self.acct.bytes_down,
-            "digest": self.replica.digest.hex(), "time": time.time(),
+            "digest": digest, "time": time.time(),
         }
         self.history.append(entry)
         self.last = entry
         self._export_metrics(entry, decision)
         self.progress("done", w, train_loss=train_loss)
-        return WindowReport(w, train_loss, heldout, sorted(gathered.accepted), payload_bytes, self.replica.digest.hex())
+        return WindowReport(w, train_loss, heldout, sorted(gathered.accepted), payload_bytes, digest)
 
     def _export_metrics(self, entry: dict, decision: Decision) -> None:
         m = self.metrics
@@ -249,27 +269,34 @@ class Peer:
         m.bytes_sent.set(self.acct.bytes_up)
         m.bytes_received.set(self.acct.bytes_down)
 
-    def save(self) -> None:
-        """Write the resumable state (atomically: a kill leaves the old or the new one)."""
-        meta = {"accounting": self.acct.to_dict(), "peer_id": self.peer_id}
-        state = LocalState(self.replica.window, self.replica.params, self.inner.optimizer_tensors(),
-                           self.ef.state_dict(), meta)
-        save_local_state(self.node.state_file, state)
+    def persist(self, *, publishes: bool = False) -> None:
+        """Snapshot the resumable state; a background thread writes it (atomically: a kill
+        leaves the old or the new one) and, when ``publishes``, the checkpoint that is due
+        and the garbage collection, from the same snapshot."""
+        with self.acct.phase("save"):
+            self.writer.wait()  # one snapshot in host memory at a time; a failed write is raised here
+            meta = {"accounting": self.acct.to_dict(), "peer_id": self.peer_id}
+            state = LocalState(self.replica.window, snapshot(self.replica.params),
+                               snapshot(self.inner.optimizer_tensors()), snapshot(self.ef.state_dict()), meta)
+            self.writer.submit(self._write, state, publishes)
 
-    def housekeeping(self, decision: Decision) -> None:
-        """The proposer of the decided round publishes the checkpoint when one is due and
-        collects windows no joiner needs any more: one replica, not all of them."""
-        if proposer(decision.window, decision.round, self.manifest.closers) != self.identity.public_key.hex():
+    def _publishes(self, decision: Decision) -> bool:
+        """The proposer of the decided round publishes checkpoints and collects old windows:
+        one replica, not all of them."""
+        return proposer(decision.window, decision.round, self.manifest.closers) == self.identity.public_key.hex()
+
+    def _write(self, state: LocalState, publishes: bool) -> None:
+        save_local_state(self.node.state_file, state)
+        if not publishes:
             return
-        every = self.manifest.run.checkpoint_every
+        every, window = self.manifest.run.checkpoint_every, state.window
         try:
-            if self.node.publish_checkpoints and self.replica.window % every == 0:
-                publish_checkpoint(self.store, self.replica.window, self.replica.params)
-                log.info("published the checkpoint of window %d", self.replica.window)
-            newest = self.replica.window - self.replica.window % every
-            gc_windows(self.store, retention_floor(self.replica.window, newest, self.manifest.run.keep_windows))
+            if self.node.publish_checkpoints and window % every == 0:
+                publish_checkpoint(self.store, window, state.weights, self.node.cache_dir)
+                log.info("published the checkpoint of window %d", window)
+            gc_windows(self.store, retention_floor(window, window - window % every, self.manifest.run.keep_windows))
         except StoreError as exc:  # the next proposer publishes and collects
-            log.warning("window %d: checkpoint or garbage collection skipped: %s", decision.window, exc)
+            log.warning("window %d: checkpoint or garbage collection skipped: %s", window - 1, exc)
 
     # ------------------------------------------------------------------ catching up, running
     def catch_up(self) -> int:
@@ -281,12 +308,12 @@ class Peer:
             n += 1
         if n or self.follower.jumps != jumps:
             self.replica.load_into(self.model)
-            if n:
-                self.last = {"window": self.replica.window - 1, "heldout_loss": self.heldout_loss(),
+            if n:  # no evaluation while catching up: the next evaluated window shows the loss
+                self.last = {"window": self.replica.window - 1, "heldout_loss": None,
                              "bytes_up": self.acct.bytes_up, "bytes_down": self.acct.bytes_down,
                              "digest": self.replica.digest.hex(), "time": time.time(), "replayed": n}
                 self.history.append(self.last)
-                self.save()
+                self.persist()
         self.replayed += n
         return n
 
@@ -299,6 +326,7 @@ class Peer:
         try:
             self._run()
         finally:
+            self.writer.close()  # the last state is on disk before we return
             if server is not None:
                 server.close()
 

@@ -4,6 +4,10 @@ It holds the global weights, the inner AdamW moments and the error-feedback buff
 metadata holds the position (the window it is at) and a small JSON blob (accounting, ...).
 It is written to a temp file, fsynced and renamed, so a SIGKILL at any moment leaves
 either the old or the new state, never a torn one. safetensors never executes code.
+
+``BackgroundWriter`` takes the write off the window's path: the caller snapshots the
+tensors (a copy in host memory, the only part the window waits for) and one background
+thread writes them, in order, one snapshot in flight at a time.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +53,36 @@ def save_local_state(path: Path, state: LocalState) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def snapshot(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host copies of ``tensors`` that later in-place updates of the originals leave alone."""
+    return {k: (v.detach().clone() if v.device.type == "cpu" else v.detach().to("cpu")) for k, v in tensors.items()}
+
+
+class BackgroundWriter:
+    """Runs writes on one background thread, in order, at most one in flight: ``submit``
+    waits for the previous write first, and raises what a failed one raised."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="locoswarm-writer")
+        self._pending: Future[None] | None = None
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Block until the write in flight is done (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_local_state(path: Path) -> LocalState | None:

@@ -19,8 +19,9 @@ So, per tensor:
    none, the reference SparseLoCo rule); "mean" divides by the number of peers.
 
 Memory: one dense float32 accumulator and one int32 count buffer per tensor, plus the
-peers' *compressed* tensors (median clipping needs every norm before anything is added).
-A peer's contribution is never densified.
+peers' *compressed* tensors (median clipping needs every norm before anything is added;
+int32 positions and uint8 codes, 5 bytes per kept value). A peer's contribution is never
+densified, and ``iter_aggregate`` hands out one finished tensor at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 import torch
 
@@ -87,7 +88,22 @@ def aggregate(
     clip: str = "median",
     reference: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The window's aggregate pseudo-gradient: float32 tensors of the model's shapes.
+    """The window's aggregate pseudo-gradient: float32 tensors of the model's shapes (all of
+    ``iter_aggregate`` at once)."""
+    return dict(iter_aggregate(contributions, layouts, rule=rule, clip=clip, reference=reference))
+
+
+def iter_aggregate(
+    contributions: Iterable[tuple[str, Mapping[str, CompressedTensor]]],
+    layouts: Mapping[str, TensorLayout],
+    *,
+    rule: str = "mean_selected",
+    clip: str = "median",
+    reference: Collection[str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The window's aggregate pseudo-gradient, one ``(name, float32 tensor)`` at a time, in
+    ``layouts`` order: a caller that applies each tensor before asking for the next holds
+    one dense tensor, not a dense model, beside the peers' compressed payloads.
 
     ``contributions`` yields ``(peer_id, tensors)`` once each, in any order (a generator is
     fine; it is consumed once). The result is bit-identical for any order of the same
@@ -110,7 +126,6 @@ def aggregate(
     device = next(iter(peers[order[0]].values())).idx.device if order else torch.device("cpu")
     log.debug("aggregating %d peers over %d tensors (rule=%s, clip=%s)", len(order), len(layouts), rule, clip)
 
-    result: dict[str, torch.Tensor] = {}
     for name, layout in layouts.items():
         # Both buffers in the tensor's own flat order: no tile permutation at the end.
         acc = torch.zeros(layout.numel, dtype=torch.float32, device=device)
@@ -134,5 +149,4 @@ def aggregate(
         elif order:
             # Tensor / tensor: some backends turn "/ scalar" into "* (1/scalar)", which rounds differently.
             acc = acc / torch.full_like(acc, float(len(order)))
-        result[name] = acc.reshape(layout.shape)
-    return result
+        yield name, acc.reshape(layout.shape)

@@ -95,7 +95,8 @@ def unchunk(chunks: torch.Tensor, layout: TensorLayout) -> torch.Tensor:
 
 
 def flat_positions(idx: torch.Tensor, layout: TensorLayout) -> torch.Tensor:
-    """int64 [n_chunks, k]: positions in the flattened tensor of in-chunk positions ``idx``."""
+    """int64 [n_chunks, k]: positions in the flattened tensor of in-chunk positions ``idx``
+    (int32 or int64)."""
     chunk = torch.arange(layout.n_chunks, device=idx.device)[:, None]
     if not layout.tiled:
         return chunk * layout.chunk_len + idx
@@ -224,7 +225,7 @@ def compress(x: torch.Tensor, layout: TensorLayout) -> CompressedTensor:
     lo, hi = LEVELS
     high = (kept - hi * scales).square() < (kept - lo * scales).square()
     codes = ((vals < 0).to(torch.uint8) << 1) | high.to(torch.uint8)
-    return CompressedTensor(layout=layout, idx=idx, codes=codes, scale_q=scale_q, scale_ref=scale_ref_f)
+    return CompressedTensor(layout=layout, idx=idx.to(torch.int32), codes=codes, scale_q=scale_q, scale_ref=scale_ref_f)
 
 
 def sparse_values(c: CompressedTensor) -> torch.Tensor:
@@ -275,26 +276,35 @@ class ErrorFeedback:
     nothing is ``h``). Call ``restore`` before the next ``compress``.
     """
 
-    def __init__(self, layouts: Mapping[str, TensorLayout], cfg: CodecConfig, device: torch.device | str = "cpu"):
+    def __init__(self, layouts: Mapping[str, TensorLayout], cfg: CodecConfig, device: torch.device | str = "cpu",
+                 *, compute: torch.device | str | None = None):
+        """Buffers live on ``device``; ``compress`` runs on ``compute`` (default the same), one
+        tensor at a time, so buffers kept in host memory cost one tensor of device memory."""
         self.layouts = dict(layouts)
         self.beta = float(cfg.ef_beta)
         self.rule = cfg.ef_rule  # validated by CodecConfig
         self.device = torch.device(device)
+        self.compute = torch.device(compute) if compute is not None else self.device
         self.buffers: dict[str, torch.Tensor] = {
-            name: torch.zeros(layout.shape, dtype=torch.float32, device=self.device)
-            for name, layout in self.layouts.items()
+            name: self._place(torch.zeros(layout.shape, dtype=torch.float32)) for name, layout in self.layouts.items()
         }
 
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        return t.pin_memory() if self.compute != self.device and self.device.type == "cpu" else t
+
     def compress(self, delta: Mapping[str, torch.Tensor]) -> dict[str, CompressedTensor]:
-        """Fold ``delta`` (the window's pseudo-gradient) into the buffers and compress them."""
+        """Fold ``delta`` (the window's pseudo-gradient; read one tensor at a time) into the
+        buffers and compress them."""
         missing = set(self.layouts) - set(delta)
         extra = set(delta) - set(self.layouts)
         if missing or extra:
             raise ValueError(f"pseudo-gradient tensors differ from the model: missing {sorted(missing)}, extra {sorted(extra)}")
         sent: dict[str, CompressedTensor] = {}
         for name, layout in self.layouts.items():
-            e = self.buffers[name]
-            d = delta[name].detach().to(device=self.device, dtype=torch.float32)
+            kept = self.buffers[name]
+            e = kept.to(self.compute, non_blocking=True)
+            d = delta[name].detach().to(device=self.compute, dtype=torch.float32)
             if self.rule == "sparseloco":
                 e.mul_(self.beta).add_(d)
                 c = compress(e, layout)
@@ -303,6 +313,8 @@ class ErrorFeedback:
                 h = d + e
                 c = compress(h, layout)
                 e.mul_(self.beta).add_((h - decompress(c)).mul_(1.0 - self.beta))
+            if e is not kept:
+                kept.copy_(e)
             sent[name] = c
         return sent
 
@@ -331,4 +343,4 @@ class ErrorFeedback:
                 raise CheckpointError(f"error-feedback buffer {name!r} has shape {tuple(t.shape)}, model says {layout.shape}")
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"error-feedback buffer {name!r} holds NaN or infinite values")
-            self.buffers[name] = t.detach().to(device=self.device, dtype=torch.float32).clone()
+            self.buffers[name] = self._place(t.detach().to(dtype=torch.float32).clone())

@@ -98,7 +98,8 @@ class CompressedTensor:
 
     layout: TensorLayout
     idx: torch.Tensor
-    """int64 [n_chunks, k]: strictly increasing positions inside each chunk."""
+    """int32 [n_chunks, k]: strictly increasing positions inside each chunk (chunks hold at
+    most 65536 values; int32 halves what every held payload costs against int64)."""
     codes: torch.Tensor
     """uint8 [n_chunks, k]: 2-bit codes, bit 1 = negative, bit 0 = high magnitude."""
     scale_q: torch.Tensor

@@ -77,7 +77,7 @@ def unpack_bits(data: torch.Tensor, n_bits: int) -> torch.Tensor:
 
 
 def encode_indices(idx: torch.Tensor, chunk_len: int) -> torch.Tensor:
-    """int64 [n_chunks, k] strictly increasing rows of positions < chunk_len -> packed uint8.
+    """int32 or int64 [n_chunks, k] strictly increasing rows of positions < chunk_len -> packed uint8.
 
     The caller guarantees validity (the encoder checks it once, see ``check_indices``).
     The result stays on ``idx``'s device.
@@ -98,7 +98,7 @@ def encode_indices(idx: torch.Tensor, chunk_len: int) -> torch.Tensor:
 
 
 def decode_indices(data: torch.Tensor, n_chunks: int, chunk_len: int, k: int, last_valid: int) -> torch.Tensor:
-    """Packed uint8 -> int64 [n_chunks, k], checked: increasing, < chunk_len, and the last
+    """Packed uint8 -> int32 [n_chunks, k], checked: increasing, < chunk_len, and the last
     chunk's positions < ``last_valid`` (positions past it are padding that holds no data)."""
     l = low_bits(chunk_len, k)
     per_chunk = chunk_bits(chunk_len, k)
@@ -116,7 +116,7 @@ def decode_indices(data: torch.Tensor, n_chunks: int, chunk_len: int, k: int, la
         shifts = torch.arange(l, dtype=torch.int64, device=device)
         idx |= (bits[:, : k * l].view(n_chunks, k, l).to(torch.int64) << shifts).sum(dim=2)
     check_indices(idx, chunk_len, last_valid)
-    return idx
+    return idx.to(torch.int32)
 
 
 def check_indices(idx: torch.Tensor, chunk_len: int, last_valid: int) -> None:

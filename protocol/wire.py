@@ -262,13 +262,13 @@ def _check_compressed(name: str, ct: CompressedTensor, codec: CodecConfig) -> No
     if lay != tensor_layout(name, lay.shape, codec):
         raise ValueError(f"layout of {name!r} is not what the codec config gives for shape {lay.shape}")
     n, k = lay.n_chunks, lay.k
-    for what, t, shape, dtype in (
-        ("idx", ct.idx, (n, k), torch.int64),
-        ("codes", ct.codes, (n, k), torch.uint8),
-        ("scale_q", ct.scale_q, (n,), torch.uint8),
+    for what, t, shape, dtypes in (
+        ("idx", ct.idx, (n, k), (torch.int32, torch.int64)),
+        ("codes", ct.codes, (n, k), (torch.uint8,)),
+        ("scale_q", ct.scale_q, (n,), (torch.uint8,)),
     ):
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"{name}.{what} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        if tuple(t.shape) != shape or t.dtype not in dtypes:
+            raise ValueError(f"{name}.{what} is {t.dtype} {tuple(t.shape)}, expected {dtypes[0]} {shape}")
     if bool((ct.codes > 3).any()):
         raise ValueError(f"{name}.codes holds values above 3")
     try:

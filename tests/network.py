@@ -102,7 +102,7 @@ class PeerProcess:
         self.log_path = self.workdir / "log.txt"
         cmd = (launcher or [sys.executable, "-m", "locoswarm.cli"]) + [
             "peer", "--store", store_uri, "--manifest", str(manifest_path), "--workdir", str(self.workdir),
-            "--windows", str(windows), "--threads", "1", *(extra or []),
+            "--windows", str(windows), "--threads", "1", "--eval-every", "1", *(extra or []),
         ]
         self.cmd = cmd
         self.proc: subprocess.Popen | None = None

@@ -23,7 +23,7 @@ def _hand(idx: list[int], codes: list[int], scale_ref: float = 1.0) -> Compresse
     layout = tensor_layout("v", (16,), TINY)
     return CompressedTensor(
         layout=layout,
-        idx=torch.tensor([idx]),
+        idx=torch.tensor([idx], dtype=torch.int32),
         codes=torch.tensor([codes], dtype=torch.uint8),
         scale_q=torch.zeros(1, dtype=torch.uint8),
         scale_ref=scale_ref,

@@ -1,6 +1,7 @@
 """Resumable local state and published checkpoints."""
 
 import hashlib
+import itertools
 import json
 
 import pytest
@@ -44,21 +45,21 @@ def test_missing_local_state_is_none_and_corrupt_is_a_clear_error(tmp_path):
         load_local_state(bad)
 
 
-def test_published_checkpoint_is_fetched_by_the_digest_a_decision_names():
+def test_published_checkpoint_is_fetched_by_the_digest_a_decision_names(tmp_path):
     store = MemoryStore()
     w = _weights()
-    digest = publish_checkpoint(store, 5, w)
+    digest = publish_checkpoint(store, 5, w, tmp_path)
     assert digest == weights_digest(w)
-    publish_checkpoint(store, 5, _weights(1))  # another one at the same window does not displace it
+    publish_checkpoint(store, 5, _weights(1), tmp_path)  # another one at the same window does not displace it
     shapes = {k: tuple(v.shape) for k, v in w.items()}
     assert weights_digest(fetch_checkpoint(store, 5, digest, shapes)) == digest
     assert list(checkpoint_windows(store, every=5)) == [5]
 
 
-def test_tampered_misshapen_or_misnamed_checkpoint_is_refused():
+def test_tampered_misshapen_or_misnamed_checkpoint_is_refused(tmp_path):
     store = MemoryStore()
     w = _weights()
-    digest = publish_checkpoint(store, 2, w)
+    digest = publish_checkpoint(store, 2, w, tmp_path)
     shapes = {k: tuple(v.shape) for k, v in w.items()}
     with pytest.raises(CheckpointError, match="layout"):
         fetch_checkpoint(store, 2, digest, {"a.weight": (4, 8), "b.bias": (3,)})
@@ -88,13 +89,22 @@ def test_tampered_misshapen_or_misnamed_checkpoint_is_refused():
 class OneLevelStore(MemoryStore):
     """Lists one directory level only, as the p2p store does."""
 
+    listings = 0
+
     def list(self, prefix: str = ""):
+        self.listings += 1
         return [o for o in super().list(prefix) if "/" not in o.key[len(prefix):]]
 
 
-def test_checkpoints_are_found_by_probing_when_listing_is_shallow():
+def test_checkpoints_are_found_by_probing_when_listing_is_shallow(tmp_path):
     store = OneLevelStore()
     assert list(checkpoint_windows(store, every=3)) == []
-    for w in range(0, 40, 3):
-        publish_checkpoint(store, w, _weights())
-    assert list(checkpoint_windows(store, every=3))[:3] == [39, 36, 33]
+    for w in range(3, 301, 3):
+        publish_checkpoint(store, w, _weights(), tmp_path)
+    store.listings = 0
+    assert list(itertools.islice(checkpoint_windows(store, every=3), 3)) == [300, 297, 294]
+    assert store.listings <= 20  # galloping and bisecting over 100 checkpoints, not a listing of each
+    assert list(checkpoint_windows(store, every=3, after=290)) == [300, 297, 294, 291]
+    assert list(checkpoint_windows(store, every=3, after=300)) == []
+    store.delete(meta_key(3, weights_digest(_weights())))  # the first one's publisher failed
+    assert next(checkpoint_windows(store, every=3)) == 300

@@ -82,7 +82,7 @@ def test_compress_keeps_exactly_the_top_k_magnitudes_of_each_chunk(shape, seed):
     x = _data(shape, seed)
     layout = tensor_layout("t", shape, SMALL)
     c = compress(x, layout)
-    assert c.idx.dtype == torch.int64 and c.idx.shape == (layout.n_chunks, layout.k)
+    assert c.idx.dtype == torch.int32 and c.idx.shape == (layout.n_chunks, layout.k)
     assert bool((c.idx[:, 1:] > c.idx[:, :-1]).all()), "positions must be strictly increasing"
     kept = chunk_view(x, layout).gather(1, c.idx).abs()
     got = [sorted(row, reverse=True) for row in kept.tolist()]

@@ -180,11 +180,11 @@ def _family(value: object) -> str:
 SHAPES = {"w": (4, 3), "b": (5,)}
 
 
-def test_mutated_checkpoint_metadata_only_raises_checkpoint_error() -> None:
+def test_mutated_checkpoint_metadata_only_raises_checkpoint_error(tmp_path) -> None:
     rng = random.Random("checkpoint meta")
     store = MemoryStore()
     weights = {n: torch.randn(s, generator=torch.Generator().manual_seed(1)) for n, s in SHAPES.items()}
-    digest = publish_checkpoint(store, WINDOW, weights)
+    digest = publish_checkpoint(store, WINDOW, weights, tmp_path)
     valid = store.get(meta_key(WINDOW, digest))
     seen: Counter[str] = Counter()
     for _ in range(ROUNDS * 2):

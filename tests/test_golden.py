@@ -39,7 +39,7 @@ def test_three_peers_in_threads_end_on_the_golden_digest(tmp_path):
     for i, key in enumerate(keys):
         workdir = tmp_path / f"p{i}"
         key.save(workdir / "peer.key")
-        node = NodeConfig(workdir=workdir, max_windows=3, poll_seconds=0.05)
+        node = NodeConfig(workdir=workdir, max_windows=3, poll_seconds=0.05, eval_every=1)
         peers.append(Peer(run.manifest, open_store(run.uri), node))
     errors: list[BaseException] = []
 

@@ -62,7 +62,7 @@ def random_compressed(layout: TensorLayout, gen: torch.Generator) -> CompressedT
     codes = torch.randint(0, 4, (n, k), dtype=torch.uint8, generator=gen)
     scale_q = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
     scale_ref = float(torch.rand((), generator=gen) * 3)  # a float32 value, as the codec makes
-    return CompressedTensor(layout, idx, codes, scale_q, scale_ref)
+    return CompressedTensor(layout, idx.to(torch.int32), codes, scale_q, scale_ref)
 
 
 def random_tensors(
@@ -121,7 +121,7 @@ def assert_same(a: Mapping[str, CompressedTensor], b: Mapping[str, CompressedTen
     for name, x in b.items():
         y = a[name]
         assert y.layout == x.layout
-        assert torch.equal(y.idx, x.idx) and y.idx.dtype == torch.int64
+        assert torch.equal(y.idx, x.idx) and y.idx.dtype == torch.int32
         assert torch.equal(y.codes, x.codes) and y.codes.dtype == torch.uint8
         assert torch.equal(y.scale_q, x.scale_q) and y.scale_q.dtype == torch.uint8
         assert y.scale_ref == x.scale_ref
@@ -235,7 +235,7 @@ def test_150m_like_payload_fits_the_bit_budget() -> None:
         step = lay.chunk_len // lay.k  # one position per stride: cheap to draw, strictly increasing
         idx = torch.arange(lay.k) * step + torch.randint(0, step, (lay.n_chunks, lay.k), generator=gen)
         codes = torch.randint(0, 4, (lay.n_chunks, lay.k), dtype=torch.uint8, generator=gen)
-        tensors[name] = CompressedTensor(lay, idx, codes, torch.zeros(lay.n_chunks, dtype=torch.uint8), 1.5)
+        tensors[name] = CompressedTensor(lay, idx.to(torch.int32), codes, torch.zeros(lay.n_chunks, dtype=torch.uint8), 1.5)
     data = make_payload(tensors, cfg=cfg)
     params = sum(lay.numel for lay in layouts.values())
     assert 130e6 < params < 160e6

@@ -197,9 +197,11 @@ class Validator:
             except PayloadUnavailable as exc:  # never apply a window without a counted payload
                 log.warning("window %d: waiting for a counted payload: %s", decision.window, exc)
                 time.sleep(max(1.0, self.cfg.poll_seconds * 5))
-        update = self.follower.advance(decision, gathered)
         # What a free rider would replay next window, fingerprinted as any payload is.
-        self.previous = {n: compress(update[n], lay) for n, lay in self.layouts.items()}
+        previous: dict[str, CompressedTensor] = {}
+        self.follower.advance(decision, gathered,
+                              on_tensor=lambda name, t: previous.__setitem__(name, compress(t, self.layouts[name])))
+        self.previous = previous
         self.replica.load_into(self.model)
         heldout = heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
         self.dashboard.finish_window(decision.window, heldout_loss=heldout,

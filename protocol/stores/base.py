@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 from protocol.errors import InvalidKey
 
@@ -65,6 +66,11 @@ class Store(ABC):
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
         """Write ``data`` under ``key`` (replacing any object there, atomically)."""
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Write the file at ``path`` under ``key``; stores that can stream it (S3: multipart
+        uploads, past the 5 GB of one PUT) do not hold it in memory."""
+        self.put(key, Path(path).read_bytes())
 
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:

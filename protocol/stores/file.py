@@ -50,6 +50,19 @@ class FileStore(Store):
         except OSError as exc:
             raise StoreUnavailable(f"write failed: {exc}", key=key) from exc
 
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise StoreUnavailable(f"write failed: {exc}", key=key) from exc
+
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
         try:

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
@@ -243,6 +244,17 @@ class S3Store(Store):
             t0 = time.perf_counter()
             self._client.upload_fileobj(io.BytesIO(data), self.bucket, full, Config=self._transfer)
             self._accounting.add(up=len(data), seconds_up=time.perf_counter() - t0)
+
+        self._attempt("put", key, upload)
+
+    def put_file(self, key: str, path: Path) -> None:
+        full = self._key(key)
+        size = Path(path).stat().st_size
+
+        def upload() -> None:
+            t0 = time.perf_counter()
+            self._client.upload_file(str(path), self.bucket, full, Config=self._transfer)
+            self._accounting.add(up=size, seconds_up=time.perf_counter() - t0)
 
         self._attempt("put", key, upload)
 
