@@ -3,8 +3,9 @@ how often the store failed it after all of the store's own retries.
 
 Every second of a window is counted in exactly one phase: phases nest (a closer downloads
 while it waits), and the innermost one is charged while it runs, the outer one only for the
-rest. Only the thread that opened the first phase is timed; helper threads (a pool of
-downloads) run inside a phase the caller holds.
+rest. Only the thread that made the ``Accounting`` is timed; helper threads (a pool of
+downloads, the exchange that overlaps training) run inside a phase the main thread holds,
+or in none (``background``).
 """
 
 from __future__ import annotations
@@ -28,20 +29,21 @@ class Accounting:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     store_errors: int = 0
     """Store operations that failed even after retries (outages the node waited out)."""
+    background: float = 0.0
+    """Seconds of exchanging (deciding, gathering, aggregating) done on a helper thread while
+    the next window trained: in no phase, because it cost no wall time of its own."""
     _stack: list[str] = field(default_factory=list, repr=False)
     _since: float = field(default=0.0, repr=False)
-    _owner: int | None = field(default=None, repr=False)
+    _owner: int = field(default_factory=threading.get_ident, repr=False)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Charge the time inside to ``name`` (and not to the phase it interrupts)."""
         if name not in self.seconds:
             raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
-        me = threading.get_ident()
-        if self._owner not in (None, me):  # a helper thread: its caller's phase counts it
+        if threading.get_ident() != self._owner:  # a helper thread: the main thread's phase counts it
             yield
             return
-        self._owner = me
         self._switch(name)
         try:
             yield
@@ -49,8 +51,10 @@ class Accounting:
             self._charge()
             self._stack.pop()
             self._since = time.perf_counter()
-            if not self._stack:
-                self._owner = None
+
+    def claim(self) -> None:
+        """Time the calling thread from now on (the thread that runs the node's loop)."""
+        self._owner = threading.get_ident()
 
     def _switch(self, name: str) -> None:
         if self._stack:
@@ -65,10 +69,11 @@ class Accounting:
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                "seconds": dict(self.seconds), "store_errors": self.store_errors}
+                "seconds": dict(self.seconds), "store_errors": self.store_errors, "background": self.background}
 
     def restore(self, d: dict) -> None:
         """Continue the totals saved by ``to_dict`` (a resumed node keeps counting)."""
         self.tokens, self.bytes_up, self.bytes_down = int(d["tokens"]), int(d["bytes_up"]), int(d["bytes_down"])
         self.seconds = dict.fromkeys(PHASES, 0.0) | {k: float(v) for k, v in d["seconds"].items() if k in PHASES}
         self.store_errors = int(d.get("store_errors", 0))
+        self.background = float(d.get("background", 0.0))

@@ -10,7 +10,7 @@ once, by the keys the manifest trusts (its closers), and everyone else reads the
   store. As proposer it waits until the window may close (every expected peer published,
   or the deadline passed), then proposes the admitted payloads it verified, keeping a
   content-addressed copy of those served from peers' own buckets (a window nobody
-  published in stays open until someone does). As voter it checks every proposal before
+  published in stays open for one more ``window_seconds``, for payloads an outage held up). As voter it checks every proposal before
   voting for it (``judge``): our base digest; a close time that agrees with
   our clock, and not before the deadline unless every expected peer is in; admission by
   the rules every closer recomputes (``node/admission.py``); every listed payload fetched
@@ -229,8 +229,10 @@ class Closing:
         present = self._verify_present(st, window, expect, adm.allowed, adm.standing)
         good = {p: st.candidates[p] for p in present if st.candidates[p].included is not None}
         complete = expected <= good.keys()
-        if not st.published or (not complete and self.clock() < deadline):
-            return None  # a window nobody published in would only move the clock: wait for someone
+        if not complete and self.clock() < deadline:
+            return None
+        if not st.published and self.clock() < deadline + self.manifest.run.window_seconds:
+            return None  # an empty window would only move the clock: give late payloads (an outage) a while
         chosen = _cap(self.manifest, {p: c.included for p, c in good.items()}, present, self.store.trusted_clock)
         for peer in chosen:
             cand = good[peer]

@@ -7,9 +7,11 @@ Every role needs the same facts and must read them the same way, or replicas dri
 - each window's decision (``DecisionReader``): a decision record, or a quorum of precommits
   among its consensus records, signed by the keys the manifest trusts and nobody else;
 - the schedule (``Follower.deadline`` and ``Follower.expected``): window 0 closes at most
-  ``run.window_seconds`` after ``run.genesis``, every later window at most that long after
-  the agreed close time of the window before, and early once every peer counted in the
-  last ``EXPECTED_WINDOWS`` windows published; no writer's own clock is trusted for it;
+  ``run.window_seconds`` after ``run.genesis``; every later window at most
+  ``Follower.window_length`` after the agreed close time of the window before (adaptive:
+  ``run.deadline_factor`` times the median of the last ``ADAPT_WINDOWS`` windows' lengths,
+  bounded by the manifest), and early once every peer counted in the last
+  ``EXPECTED_WINDOWS`` windows published; no writer's own clock is trusted for it;
 - checkpoints, adopted only when a decision certifies their digest
   (``Follower.verified_checkpoint``): a forged or corrupt one is skipped with a reason;
 - the global weights after replaying decided windows (``Follower``): gather exactly the
@@ -22,7 +24,9 @@ each decided window before ``advance`` applies it (a validator scores it first).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +69,8 @@ log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 1 << 20
 JUMP_CHECK_SECONDS = 10.0
 EXPECTED_WINDOWS = 2
+ADAPT_WINDOWS = 5
+"""Windows whose lengths set the adaptive deadline (at least 3 must be known)."""
 """A window closes early once every peer counted in the last this many windows published."""
 _CAPS = {PROPOSAL: MAX_PROPOSAL_BYTES, "prevote": MAX_VOTE_BYTES, "precommit": MAX_VOTE_BYTES}
 
@@ -217,7 +223,7 @@ class Follower:
         self.replica = replica
         self.layouts = layouts
         self.decisions = DecisionReader(store, manifest, exchange.acct)
-        self.recent: deque[Decision] = deque(maxlen=EXPECTED_WINDOWS)
+        self.recent: deque[Decision] = deque(maxlen=max(EXPECTED_WINDOWS, ADAPT_WINDOWS + 1))
         """The last decisions applied, newest last (the schedule follows from them)."""
         self.jumps = 0
         """How often the follower restarted from a newer checkpoint."""
@@ -242,13 +248,28 @@ class Follower:
         return self.decisions.read(want) if want >= 0 else None
 
     def deadline(self, window: int) -> float:
-        """When ``window`` closes at the latest: ``window_seconds`` after the agreed close of
-        the window before (after genesis for window 0, or from now when that is unknown)."""
+        """When ``window`` closes at the latest: ``window_length`` after the agreed close of
+        the window before (``window_seconds`` after genesis for window 0; from now when the
+        close before is unknown)."""
         run = self.manifest.run
         if window == 0:
             return run.genesis + run.window_seconds
         previous = self._previous(window, 1)
-        return (previous.closed_at if previous else time.time()) + run.window_seconds
+        return (previous.closed_at if previous else time.time()) + self.window_length(window)
+
+    def window_length(self, window: int) -> float:
+        """Seconds ``window`` may stay open: ``run.deadline_factor`` x the median length of
+        the last ``ADAPT_WINDOWS`` windows, from their decisions' close times, within
+        [``run.min_window_seconds``, ``run.window_seconds``]; ``window_seconds`` until three
+        lengths are known."""
+        run = self.manifest.run
+        if run.deadline_factor <= 0 or window < 4:
+            return run.window_seconds
+        closes = [self._previous(window, back) for back in range(1, ADAPT_WINDOWS + 2) if window - back >= 0]
+        lengths = [a.closed_at - b.closed_at for a, b in itertools.pairwise(closes) if a is not None and b is not None]
+        if len(lengths) < 3:
+            return run.window_seconds
+        return min(run.window_seconds, max(run.min_window_seconds, run.deadline_factor * statistics.median(lengths)))
 
     def expected(self, window: int) -> set[str]:
         """Peers whose payloads let ``window`` close before its deadline: those counted in the
@@ -284,8 +305,11 @@ class Follower:
         found = self.verified_checkpoint(newer_than=self.replica.window)
         if found is None:
             return False
-        log.warning("window %d is gone from the store; jumping to the checkpoint of window %d",
-                    self.replica.window, found.window)
+        if self.replica.window == 0:  # a fresh joiner: the normal way in
+            log.info("starting from the verified checkpoint of window %d", found.window)
+        else:
+            log.warning("window %d is gone from the store; jumping to the checkpoint of window %d",
+                        self.replica.window, found.window)
         self.replica = found
         self.recent.clear()
         self.jumps += 1

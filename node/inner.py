@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,10 @@ class InnerLoop:
             betas=(cfg.beta1, cfg.beta2),
         )
 
-    def train(self, batches: list[torch.Tensor], window: int) -> InnerResult:
-        """One AdamW step per batch ([B, T+1] token ids) of ``window``; loss and tokens trained."""
+    def train(self, batches: list[torch.Tensor], window: int,
+              after_step: Callable[[], object] | None = None) -> InnerResult:
+        """One AdamW step per batch ([B, T+1] token ids) of ``window``; loss and tokens
+        trained. ``after_step`` runs between steps (an overlapped peer adds a landed aggregate)."""
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.train_model.train()
         losses = []
@@ -77,6 +80,8 @@ class InnerLoop:
                 dist.all_reduce(value)
                 value /= world
             losses.append(value)  # read back once at the end: no device sync per step
+            if after_step is not None:
+                after_step()
             tokens += batch.shape[0] * (batch.shape[1] - 1)
         return InnerResult(sum(float(v) for v in losses) / len(losses), tokens)
 

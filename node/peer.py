@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,7 @@ from node.inner import InnerLoop, InnerResult
 from node.memory import ModelShape, plan_memory
 from node.metrics import SwarmMetrics, start_metrics_server
 from node.model import build_model, heldout_loss, param_shapes
+from node.overlap import Background
 from node.progress import History, write_progress
 from node.replica import Replica
 from node.state import (
@@ -112,6 +115,15 @@ class Peer:
         """Set when our key is one of the run's closers: we take part in deciding windows."""
         self.metrics = SwarmMetrics(CollectorRegistry())
         self.replayed = 0
+        self.overlap = manifest.inner.overlap and self.world == 1
+        """Train the next window while this one is exchanged (``inner.overlap``; one rank only)."""
+        if manifest.inner.overlap and self.world > 1:
+            log.warning("inner.overlap is not available to a peer on several ranks; windows run one after another")
+        self.pending: Background | None = None
+        """The exchange of the window before, running on a helper thread (overlap only)."""
+        self.shown_digest = self.replica.digest.hex()
+        """The replica's digest as the progress file shows it (read only where the replica is ours)."""
+        self._main = threading.get_ident()
 
     @property
     def replica(self) -> Replica:
@@ -146,12 +158,21 @@ class Peer:
         genesis (it would have to replay collected windows)."""
         if self.origin.get("from") == "genesis" and self.follower.jump_to_checkpoint():
             self.replica.load_into(self.model)
+            self.shown_digest = self.replica.digest.hex()
             self.origin = {"from": "checkpoint", "window": self.replica.window}
             log.info("starting from the verified checkpoint of window %d", self.replica.window)
 
     # ------------------------------------------------------------------ the window
-    def run_window(self) -> WindowReport:
-        """Train, publish, decide, gather, aggregate and step one window."""
+    @property
+    def position(self) -> int:
+        """The window this peer trains next (one past an exchange still running)."""
+        return self.pending.window + 1 if self.pending is not None else self.replica.window
+
+    def run_window(self) -> WindowReport | None:
+        """Train, publish, decide, gather, aggregate and step one window (with overlap: train
+        one while the one before is exchanged; the report is of the window applied)."""
+        if self.overlap:
+            return self.overlapped_window()
         w = self.replica.window
         deadline = self.follower.deadline(w)
         result = self.train(w)                                                             # inner loop
@@ -162,7 +183,7 @@ class Peer:
             sent = self.ef.compress(self.replica.pseudo_gradient(self.model))              # pseudo-gradient, EF, codec
             blob = self.sign_payload(w, sent, result.tokens)
         self.progress("publish", w, train_loss=result.mean_loss)
-        published = self.exchange.publish(w, blob, deadline)                               # publish
+        published = self.exchange.publish(w, blob, self.publish_until(deadline))            # publish
         if published:
             self.exchange.remember(w, blob, expect)  # gathering never downloads our own back
         decision = self.wait_for_decision(w, expect, deadline)                             # close
@@ -179,14 +200,79 @@ class Peer:
             self.replica.broadcast()
         return report
 
-    def train(self, window: int) -> InnerResult:
+    def overlapped_window(self) -> WindowReport | None:
+        """Train window w while window w-1 is decided, gathered and applied on a helper thread
+        (``node/overlap.py``); then publish w and hand its exchange to the helper. Returns the
+        report of window w-1 (None for the first window)."""
+        pending, w = self.pending, self.position
+        result = self.train(w, after_step=(lambda: pending.apply_landed(self.model)) if pending else None)
+        applied = self._land(pending) if pending is not None else None  # the replica is now theta(w)
+        if applied is not None and self.follower.decisions.read(w) is not None:
+            log.warning("window %d was decided without us (we fell behind); catching up", w)
+            self.replica.load_into(self.model)
+            return self._applied(*applied)
+        expect, deadline = self.follower.expectation(w), self.follower.deadline(w)
+        with self.acct.phase("encode"):
+            sent = self.ef.compress(self.replica.pseudo_gradient(self.model))
+            blob = self.sign_payload(w, sent, result.tokens)
+        self.progress("publish", w, train_loss=result.mean_loss)
+        published = self.exchange.publish(w, blob, self.publish_until(deadline))
+        if published:
+            self.exchange.remember(w, blob, expect)
+        self.replica.load_into(self.model)  # window w+1 starts from theta(w); theta(w+1) lands mid-window
+        report = self._applied(*applied) if applied is not None else None
+        self.pending = Background(w, lambda on_tensor: self._exchange(w, expect, deadline, on_tensor),
+                                  lr=self.manifest.outer.lr, context=(sent, published, len(blob), result.mean_loss))
+        return report
+
+    def _exchange(self, window: int, expect: Expectation, deadline: float,
+                  on_tensor: Callable[[str, torch.Tensor], None]) -> tuple[Decision, Gathered]:
+        """The helper thread's part of an overlapped window: decide, gather, step the replica."""
+        decision = self.wait_for_decision(window, expect, deadline)
+        gathered = self.wait_for_payloads(decision)
+        self.follower.advance(decision, gathered, on_tensor=on_tensor)
+        return decision, gathered
+
+    def _land(self, pending: Background) -> tuple[Decision, Gathered, float, int]:
+        """Wait for the helper (the part of its exchange training did not hide counts as
+        wait) and settle its window: error feedback gets back what the window did not take."""
+        with self.acct.phase("wait"):
+            decision, gathered = pending.join(self.model)
+        self.pending = None
+        self.acct.background += pending.seconds
+        sent, published, size, train_loss = pending.context
+        if not published or self.peer_id not in gathered.accepted:
+            self.ef.restore(sent)
+        return decision, gathered, train_loss, size
+
+    def _applied(self, decision: Decision, gathered: Gathered, train_loss: float, size: int) -> WindowReport:
+        """History, evaluation (the model holds theta(w) now) and state of an overlapped window."""
+        report = self.record(decision, gathered, train_loss=train_loss, payload_bytes=size)
+        self.persist(publishes=self._publishes(decision))
+        return report
+
+    def drain(self) -> WindowReport | None:
+        """Finish the exchange still running (the last window before a stop)."""
+        if self.pending is None:
+            return None
+        applied = self._land(self.pending)
+        self.replica.load_into(self.model)
+        return self._applied(*applied)
+
+    def publish_until(self, deadline: float) -> float:
+        """How long a failing upload is retried: past the deadline, as long as a window
+        nobody could publish in stays open (``node/closing.py``), so a store outage that
+        ends by then costs no payload."""
+        return deadline + self.manifest.run.window_seconds
+
+    def train(self, window: int, after_step: Callable[[], object] | None = None) -> InnerResult:
         """H inner steps on the batches assigned to us for ``window``."""
         self.progress("train", window)
         ids = assigned_batches(self.manifest.run.seed, window, self.peer_id, self.manifest.inner.steps,
                                self.manifest.data.batch_size, self.data.n_train)
         batches = [self.data.batch(row).to(self.node.device) for row in ids]
         with self.acct.phase("compute"):
-            result = self.inner.train(batches, window)
+            result = self.inner.train(batches, window, after_step)
         self.acct.tokens += result.tokens
         return result
 
@@ -240,7 +326,7 @@ class Peer:
         """History, metrics and progress for an applied window (evaluated every ``eval_every``)."""
         w = decision.window
         with self.acct.phase("digest"):
-            digest = self.replica.digest.hex()
+            digest = self.shown_digest = self.replica.digest.hex()
         heldout = None
         if self.node.eval_every and self.replica.window % self.node.eval_every == 0:
             with self.acct.phase("eval"):
@@ -308,6 +394,7 @@ class Peer:
             n += 1
         if n or self.follower.jumps != jumps:
             self.replica.load_into(self.model)
+            self.shown_digest = self.replica.digest.hex()
             if n:  # no evaluation while catching up: the next evaluated window shows the loss
                 self.last = {"window": self.replica.window - 1, "heldout_loss": None,
                              "bytes_up": self.acct.bytes_up, "bytes_down": self.acct.bytes_down,
@@ -323,6 +410,7 @@ class Peer:
         if self.leader and self.node.metrics_port is not None:
             server = start_metrics_server(self.node.metrics_port, self.metrics.registry)
             (self.node.workdir / "metrics.url").write_text(server.url)
+        self.acct.claim()
         try:
             self._run()
         finally:
@@ -343,22 +431,24 @@ class Peer:
         if self.world > 1:
             self.replica.broadcast()
             self.replica.load_into(self.model)
-        while not self.node.max_windows or self.replica.window < self.node.max_windows:
-            if self.world == 1:
+        while not self.node.max_windows or self.position < self.node.max_windows:
+            if self.world == 1 and self.pending is None:
                 self.catch_up()  # fell behind (slow or suspended): skip straight to the open window
                 if self.node.max_windows and self.replica.window >= self.node.max_windows:
                     break
             self.run_window()
+        self.drain()
         self.progress("finished", self.replica.window)
 
     def progress(self, phase: str, window: int, **extra: object) -> None:
-        """Replace the progress file: what this peer is doing now (rank 0 only)."""
-        if not self.leader:
+        """Replace the progress file: what this peer is doing now (rank 0's loop only: the
+        helper that exchanges an overlapped window does not speak for the peer)."""
+        if not self.leader or threading.get_ident() != self._main:
             return
         write_progress(self.node.progress_file, {
             "peer": self.peer_id, "pid": os.getpid(), "phase": phase, "window": window,
             "params": sum(layout.numel for layout in self.layouts.values()),
-            "digest": self.replica.digest.hex(),
+            "digest": self.shown_digest,
             "origin": self.origin, "replayed": self.replayed, "ranks": self.world, "comm": self.comm,
             "accounting": self.acct.to_dict(), "last": self.last, **extra,
         })

@@ -56,7 +56,17 @@ class RunConfig:
     Default 0."""
     window_seconds: float = 60.0
     """Seconds a window stays open for payloads after the previous window closed (window 0:
-    after genesis); it closes earlier once every expected peer has published. Default 60."""
+    after genesis) at the most; it closes earlier once every expected peer has published,
+    and adaptive deadlines (``deadline_factor``) shorten it to what recent windows took.
+    Default 60."""
+    deadline_factor: float = 2.0
+    """Adaptive deadlines: a window stays open at most this many times the median length of
+    the last 5 windows (from their decisions' agreed close times, which every replica reads
+    alike), within [``min_window_seconds``, ``window_seconds``]. A dead or stalled peer then
+    costs the others one short wait, not ``window_seconds``. 0 turns adaptation off.
+    Default 2."""
+    min_window_seconds: float = 5.0
+    """The shortest deadline adaptation may set, in seconds. Default 5."""
     grace_seconds: float = 2.0
     """Seconds after a window's close during which a validator still counts an upload as on
     time (store clocks and listings lag a little). Default 2."""
@@ -90,6 +100,8 @@ class RunConfig:
             raise ManifestError(f"run.id {self.id!r} must be non-empty letters, digits, '-', '_' or '.'")
         if self.window_seconds <= 0 or self.grace_seconds < 0 or self.genesis < 0:
             raise ManifestError("run.window_seconds must be > 0, run.grace_seconds and run.genesis >= 0")
+        if self.deadline_factor < 0 or not 0 < self.min_window_seconds <= self.window_seconds:
+            raise ManifestError("run.deadline_factor must be >= 0 and run.min_window_seconds in (0, window_seconds]")
         if self.checkpoint_every < 1:
             raise ManifestError("run.checkpoint_every must be >= 1")
         if self.keep_windows < self.checkpoint_every:
@@ -166,6 +178,13 @@ class InnerConfig:
     comm: str = "none"
     """Gradient communication inside a multi-GPU peer: "none" (fp32 DDP all-reduce) or "loco"
     (4-bit with error compensation). Default "none"."""
+    overlap: bool = False
+    """Train window w+1 while window w is decided, gathered and aggregated: each window's
+    training starts from the last global weights a peer has, and the aggregate it was
+    waiting for is added to its local weights between two inner steps when it lands (a
+    one-window delay of the outer step for the first steps of a window). What goes on the
+    wire is unchanged: a payload of window w is still taken against theta(w). Default false
+    (docs/overlap.md measures both)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup_steps < 0 or self.total_steps < 1:

@@ -55,10 +55,10 @@ class Impostor(Identity):
 class WrongDataPeer(Peer):
     """Trains on the batches of a peer id that is not its own."""
 
-    def train(self, window: int):
+    def train(self, window: int, after_step=None):
         real, self.peer_id = self.peer_id, "0" * 24
         try:
-            return super().train(window)
+            return super().train(window, after_step)
         finally:
             self.peer_id = real
 
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         attackers[fault] = ident
     # A test harness, not a pattern: every part of the peer that talks to the store uses the attack exchange.
     attack = AttackExchange(store, peer.identity, manifest.run_key, peer.acct, attackers=attackers, peer=peer)
-    peer.exchange = peer.follower.exchange = peer.closer.exchange = attack
+    peer.exchange = peer.follower.exchange = attack
+    if peer.closing is not None:
+        peer.closing.exchange = attack
     ids = {fault: peer_id_of(ident.public_key) for fault, ident in attackers.items()} | {"wrong_data": peer.peer_id}
     (workdir / "ids.json").write_text(json.dumps(ids))
     peer.run()

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +171,22 @@ def heldout_curve(peer: PeerProcess) -> list[float]:
 
 def last_json_line(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
+
+
+def run_in_threads(peers: list, timeout: float) -> None:
+    """Run in-process ``Peer`` objects side by side until each returns; raise what one raised."""
+    errors: list[BaseException] = []
+
+    def run_peer(peer) -> None:
+        try:
+            peer.run()
+        except BaseException as exc:  # surfaced below, with the peer that raised it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_peer, args=(p,), daemon=True) for p in peers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), f"a peer did not finish in {timeout} s"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,13 @@ from node.peer import Peer
 from node.progress import read_history
 from protocol.identity import Identity
 from protocol.stores import open_store
-from tests.network import REPO, create_run, last_json_line, small_manifest
+from tests.network import (
+    REPO,
+    create_run,
+    last_json_line,
+    run_in_threads,
+    small_manifest,
+)
 
 GOLDEN = json.loads((Path(__file__).parent / "assets" / "golden.json").read_text())
 
@@ -41,21 +46,7 @@ def test_three_peers_in_threads_end_on_the_golden_digest(tmp_path):
         key.save(workdir / "peer.key")
         node = NodeConfig(workdir=workdir, max_windows=3, poll_seconds=0.05, eval_every=1)
         peers.append(Peer(run.manifest, open_store(run.uri), node))
-    errors: list[BaseException] = []
-
-    def run_peer(peer: Peer) -> None:
-        try:
-            peer.run()
-        except BaseException as exc:  # surfaced below, with the peer that raised it
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run_peer, args=(p,), daemon=True) for p in peers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a peer did not finish in 240 s"
+    run_in_threads(peers, timeout=240)
     golden = GOLDEN["small_threads"]
     assert [p.replica.digest.hex() for p in peers] == [golden["digest"]] * 3
     assert _curve(peers[0].history.read()) == golden["curve"]

@@ -31,6 +31,7 @@ from tests.network import (
     final_digest,
     heldout_curve,
     last_json_line,
+    peer_keys,
     small_manifest,
     wait_for,
 )
@@ -145,7 +146,8 @@ def test_a_peer_serving_from_its_own_bucket_shares_presigned_urls_not_credential
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto accepts any; the peers inherit it
     with _bucket(moto) as store:
         uri = f"s3://{store.bucket}/run"
-        manifest = init_run(small_manifest(), store)
+        # Both peers are the run's; presigned URLs point at the loopback S3 server.
+        manifest = init_run(small_manifest(run__peers=peer_keys("own-bucket", "plain"), run__announce_private=True), store)
     with _bucket(moto) as own:
         own_uri = f"s3://{own.bucket}/mine"
     mpath = tmp_path / "manifest.toml"

@@ -224,6 +224,7 @@ class Validator:
         return decision
 
     def run(self) -> None:
+        self.acct.claim()
         while not self.cfg.max_windows or self.replica.window < self.cfg.max_windows:
             try:
                 decision = self.next_decision()

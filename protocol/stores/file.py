@@ -120,7 +120,15 @@ class FileStore(Store):
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
             raise StoreUnavailable(f"delete failed: {exc}", key=key) from exc
+        for parent in path.parents:  # empty directories go too (collected windows leave none behind)
+            if parent == self.root:
+                break
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or a writer just made something there)
+                break
