@@ -175,6 +175,8 @@ class Ratings:
             teams = [[self.model.create_rating([self._get(p).mu, self._get(p).sigma], name=p)] for p in order]
             for p, (new,) in zip(order, self.model.rate(teams, ranks=ranks)):
                 self.peers[p].mu, self.peers[p].sigma = new.mu, new.sigma
+        elif order:
+            self._rate_alone(order[0], helped=order[0] in ranked)
         for p in order:
             self._get(p).rated_windows += 1
         typical = _typical(scores, reference) or 1.0
@@ -184,6 +186,16 @@ class Ratings:
             self._get(p).last_seen = window
         self.window = window
         self._age_absent(window)
+
+    def _rate_alone(self, peer: str, *, helped: bool) -> None:
+        """A peer rated alone in a window plays a stand-in for "no update" at the prior
+        rating, which never changes: a useful update beats it, a failed one loses to it. So a
+        lone peer's rating keeps moving with its evidence instead of freezing."""
+        st = self._get(peer)
+        me = self.model.create_rating([st.mu, st.sigma], name=peer)
+        stand_in = self.model.create_rating([self.model.mu, self.model.sigma], name="no update")
+        (new,), _ = self.model.rate([[me], [stand_in]], ranks=[1, 2] if helped else [2, 1])
+        st.mu, st.sigma = new.mu, new.sigma
 
     def _age_absent(self, window: int) -> None:
         p = self.params
