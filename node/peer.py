@@ -96,7 +96,7 @@ class Peer:
         self.closing = (Closing(store, manifest, self.identity, self.exchange, self.acct)
                         if self.identity.public_key.hex() in manifest.closers and self.leader else None)
         """Set when our key is one of the run's closers: we take part in deciding windows."""
-        self.metrics = SwarmMetrics(CollectorRegistry())
+        self.metrics = SwarmMetrics(CollectorRegistry(), run=manifest.run_key, role="peer", accounting=self.acct)
         self.replayed = 0
 
     @property
@@ -246,8 +246,6 @@ class Peer:
         m.payload_bytes.keep(i.peer_id for i in decision.included)  # series for this window's counted peers
         for inc in decision.included:
             m.payload_bytes.set(inc.peer_id, inc.size)
-        m.bytes_sent.set(self.acct.bytes_up)
-        m.bytes_received.set(self.acct.bytes_down)
 
     def save(self) -> None:
         """Write the resumable state (atomically: a kill leaves the old or the new one)."""
