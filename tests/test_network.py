@@ -53,7 +53,7 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
                    and (peers[0].workdir / "metrics.url").read_text(),
                    180, "peer 0 to finish a window and serve metrics")
     metrics = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert "locoswarm_window " in metrics and "locoswarm_bytes_sent " in metrics
+    assert "locoswarm_window{" in metrics and "locoswarm_sent_bytes_total{" in metrics
     for p in peers:
         assert p.wait(timeout=240) == 0, p.log()
     digests = {final_digest(p) for p in peers}
