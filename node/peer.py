@@ -227,6 +227,7 @@ class Peer:
         heldout = self.heldout_loss() if self.node.eval_every and self.replica.window % self.node.eval_every == 0 else None
         entry = {
             "window": w, "train_loss": train_loss, "heldout_loss": heldout, "included": len(gathered.accepted),
+            "counted": self.peer_id in gathered.accepted,
             "payload_bytes": payload_bytes, "bytes_up": self.acct.bytes_up, "bytes_down": self.acct.bytes_down,
             "digest": self.replica.digest.hex(), "time": time.time(),
         }
