@@ -41,7 +41,7 @@ def play_window(state: DashboardState, w: int, publishing: list[str], *, out_of_
         if not ok:
             state.record_rejection(p, "out_of_sync", "base digest differs")
         state.update_peer(p, in_sync=ok, base_digest="ab12cd34ef56" if ok else None, payload_bytes=40_000 + 1000 * i,
-                          last_window=w)
+                          last_window=w, excluded_because="" if ok else "its payload failed a check")
     state.record_scores({
         p: PeerScore(weight=0.9 - 0.2 * PEERS.index(p), included=p not in out_of_sync,
                      components={"score": 0.05 / (PEERS.index(p) + 1), "gain_unassigned": 0.03, "evidence": 0.01,
@@ -112,6 +112,8 @@ def test_a_peer_gone_for_seven_windows_is_shown_absent_not_included_nor_in_sync(
     row = re.search(rf'<tr class="peer-row absent[^"]*" data-peer="{GONE}">(.*?)</tr>', page).group(1)
     assert "absent since window 12 (7 windows, 4 min 0 s)" in row and ">yes<" not in row
     assert re.search(r'id="sync">3 of 4<', page) and re.search(r'id="absent">1<', page)
+    out_of_sync = re.search(rf'data-peer="{PEERS[3]}">(.*?)</tr>', page).group(1)
+    assert "no: its payload failed a check" in out_of_sync and ">NO<" in out_of_sync
 
 
 def test_an_absent_peers_rating_and_weight_keep_following_the_ratings():
@@ -145,6 +147,7 @@ def test_metrics_follow_prometheus_conventions_with_run_and_version_labels(dashb
     run = ("run", "demo@0123456789abcdef")
     assert status == 200 and ctype.startswith("text/plain")
     assert got[("locoswarm_window", frozenset({run}))] == 19
+    assert got[("locoswarm_peers_included", frozenset({run}))] == 3  # what window 19 counted
     assert got[("locoswarm_peer_weight", frozenset({run, ("peer", PEERS[0])}))] == 0.9
     assert got[("locoswarm_payload_bytes", frozenset({run, ("peer", PEERS[1])}))] == 41000
     assert got[("locoswarm_rejections_total", frozenset({run, ("reason", "copy")}))] == 1
@@ -249,6 +252,8 @@ def test_charts_label_every_tick_with_round_values():
     assert bars.count('class="bar"') == 3 and re.findall(r'class="xtick"[^>]*>(\d+)<', bars) == ["0", "1", "2"]
     assert re.findall(r'class="ytick"[^>]*>([^<]+)<', bars)[:3] == ["0 KiB", "50 KiB", "100 KiB"]
     assert "no data yet" in svg_line_chart([], svg_id="x", title="t")
+    one = svg_line_chart([(3, 5.8)], svg_id="x", title="t")
+    assert re.findall(r'class="xtick"[^>]*>(\d+)<', one) == ["2", "3", "4"]  # the one window in the middle
     assert human_bytes(1536) == "1.5 KiB" and human_bytes(12) == "12 B"
 
 

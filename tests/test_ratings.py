@@ -152,3 +152,12 @@ def test_a_lone_peer_keeps_being_rated():
     assert all(b > a for a, b in itertools.pairwise(mus)), mus
     assert helpful.weight("solo") > 0.5 > failing.weight("solo")
     assert helpful.peers["solo"].rated_windows == 7
+
+
+def test_why_a_peer_is_not_included_is_said_in_words():
+    ratings = Ratings()
+    ratings.update(0, {"good": 0.3, "lazy": 0.3}, evidence={"good": 0.05, "lazy": -0.01})
+    assert ratings.why_excluded("good", True) == "" and ratings.included("good", True)
+    assert ratings.why_excluded("good", False) == "its payload failed a check"
+    assert ratings.why_excluded("lazy", True).startswith("evidence average -0.01 is below 0")
+    assert not ratings.included("lazy", True)

@@ -105,7 +105,10 @@ def _empty_chart(svg_id: str, title: str) -> str:
 
 
 def _window_ticks(xs: Sequence[float]) -> list[float]:
-    return nice_ticks(min(xs), max(xs), most=7, integer=True)
+    lo, hi = min(xs), max(xs)
+    if lo == hi:  # one window: put it in the middle, not on an edge
+        lo, hi = max(0, lo - 1), hi + 1
+    return nice_ticks(lo, hi, most=7, integer=True)
 
 
 def svg_line_chart(points: Sequence[tuple[float, float]], *, svg_id: str, title: str) -> str:

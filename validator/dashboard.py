@@ -62,8 +62,8 @@ COLUMNS: dict[str, str] = {
                 "i.e. the peer really trained on it.",
     "evidence_ema": "Moving average of evidence over windows; a peer far below the typical peer's is not "
                     "included.",
-    "included": "Whether this validator's scores of the newest window include the peer. A peer counts in later "
-                "windows once more than half of the run's trusted validators include it.",
+    "included": "Whether this validator's scores of the newest window include the peer, and if not, why. A peer "
+                "counts in later windows once more than half of the run's trusted validators include it.",
     "in sync": "Whether the peer's newest payload was built on the same global weights as this validator's "
                "(its base digest, shown on hover); – when unknown (absent, or refused before that check).",
     "last payload": "Size of the peer's newest payload object.",
@@ -83,6 +83,8 @@ class PeerView:
     components: dict[str, float] = field(default_factory=dict)
     included: bool = False
     """This validator includes the peer in its scores of the newest window."""
+    excluded_because: str = ""
+    """Why this validator does not include the peer, when it was scored and is not."""
     in_sync: bool | None = None
     """Whether the newest payload's base digest is ours; None when unknown (absent, or
     refused before the decoder got to the base digest)."""
@@ -145,8 +147,7 @@ class DashboardState:
                 view.payload_bytes, view.last_window, view.last_seen_at = size, window, now
             for view in self._peers.values():
                 if view.last_window is None or view.last_window < window:
-                    view.included, view.in_sync = False, None
-            included = sum(1 for v in self._peers.values() if v.included)
+                    view.included, view.in_sync, view.excluded_because = False, None, ""
             # Rows, and the metric series that survive into the next window: counted peers
             # first, then by weight, then the most recently seen; a swarm of fresh keys
             # cannot grow either without bound.
@@ -158,7 +159,7 @@ class DashboardState:
         if heldout_loss is not None:
             self.metrics.heldout_loss.set(heldout_loss)
         self.metrics.window_bytes.set(total)
-        self.metrics.peers_included.set(included)
+        self.metrics.peers_included.set(len(payload_bytes))
         self.metrics.payload_bytes.keep(v.peer for v in ranked)
         self.metrics.peer_weight.keep(v.peer for v in ranked)
         for peer, size in payload_bytes.items():
@@ -298,7 +299,8 @@ def _row(rank: int, p: Mapping[str, Any]) -> str:
         _cell("rating μ ± σ", rating),
         _cell("weight", p["weight"], lambda w: f"{w:.3f}"),
         *(_cell(c, comps.get(c), _fmt) for c in SHOWN_COMPONENTS),
-        _cell("included", "yes" if p["included"] else "no"),
+        _cell("included", "yes" if p["included"] else ("no: " + p["excluded_because"] if p["excluded_because"] else "no"),
+              cls="" if p["included"] else "why"),
         _cell("in sync", sync, cls="sync", title=f"base digest {p['base_digest']}" if p["base_digest"] else ""),
         _cell("last payload", p["payload_bytes"], human_bytes),
         _cell("last refusal", p["reason"] or None, cls="reason"),
@@ -355,7 +357,7 @@ table { border-collapse: collapse; font-size: 13px; }
 td, th { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }
 th { background: #f0f0f0; cursor: help; white-space: normal; overflow-wrap: normal; } .mono { font-family: monospace; text-align: left; }
 td.reason { text-align: left; color: #a33; max-width: 18em; white-space: normal; }
-td.absent { color: #a60; white-space: normal; max-width: 12em; } tr.excluded td { color: #888; } tr.absent td.absent { color: #a60; }
+td.absent { color: #a60; white-space: normal; max-width: 12em; } td.why { white-space: normal; max-width: 14em; } tr.excluded td { color: #888; } tr.absent td.absent { color: #a60; }
 .wide { max-width: 100%; overflow-x: auto; }
 .charts { display: flex; flex-wrap: wrap; gap: 1.5em; } .charts > div { flex: 1 1 300px; max-width: 480px; }
 svg.chart { width: 100%; height: auto; display: block; }

@@ -236,10 +236,25 @@ class Ratings:
         """Include iff checks passed, weight > threshold, the evidence average is not too low,
         and the last evaluated update helped about as much as a typical one (a provisional
         weight alone must not let a harmful or useless newcomer in)."""
+        return not self.why_excluded(peer, checks_passed)
+
+    def why_excluded(self, peer: str, checks_passed: bool) -> str:
+        """Why ``included`` says no, for a person ("" when it says yes)."""
+        p = self.params
         st = self.peers.get(peer)
-        evidence_ok = self._evidence_ok(peer)
-        helped = st is None or st.last_score is None or st.last_score >= self.params.min_relative_score
-        return checks_passed and evidence_ok and helped and self.weight(peer) > self.params.threshold
+        if not checks_passed:
+            return "its payload failed a check"
+        if not self._evidence_ok(peer):
+            assert st is not None and st.evidence_ema is not None
+            if st.evidence_ema < p.min_evidence:
+                return f"evidence average {st.evidence_ema:.3g} is below {p.min_evidence:g}"
+            return (f"evidence average is {st.relative_evidence:.0%} of the typical peer's "
+                    f"(needs {p.min_relative_evidence:.0%})")
+        if st is not None and st.last_score is not None and st.last_score < p.min_relative_score:
+            return f"last score was {st.last_score:.0%} of the window's median (needs {p.min_relative_score:.0%})"
+        if self.weight(peer) <= p.threshold:
+            return f"weight {self.weight(peer):.3f} is not above {p.threshold:g}"
+        return ""
 
     def score_table(
         self, checks_passed: Mapping[str, bool], components: Mapping[str, Mapping[str, float]]

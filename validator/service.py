@@ -189,7 +189,7 @@ class Validator:
             base = payloads[peer].header.base_digest.hex()[:12] if peer in payloads else None
             in_sync = True if base else (False if v.check == "out_of_sync" else None)
             self.dashboard.update_peer(peer, in_sync=in_sync, base_digest=base, payload_bytes=sizes.get(peer, 0),
-                                       last_window=w)
+                                       last_window=w, excluded_because=self.ratings.why_excluded(peer, v.ok))
         self.dashboard.record_scores(table)
         self.dashboard.record_ratings({p: (st.mu, st.sigma, self.ratings.weight(p))
                                        for p, st in self.ratings.peers.items() if p not in table})
