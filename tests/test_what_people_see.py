@@ -5,9 +5,13 @@ not at genesis). Real processes, so marked slow."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -19,6 +23,7 @@ from tests.network import (
     peer_identity,
     peer_keys,
     small_manifest,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -93,3 +98,34 @@ def test_exporting_a_run_with_no_decided_window_warns_it_is_the_genesis_model(fi
     exported = last_json_line(res.stdout)
     assert exported["after_window"] is None and exported["windows_applied"] == 0
     assert "warning: no window was applied: this is the untrained genesis model" in res.stderr
+
+
+def test_a_validator_outside_the_manifest_shows_the_truth_on_its_dashboard(finished):
+    """A real validator process follows the finished run: its page and metrics say it is not
+    trusted, that the peer is present and in sync by its payload's base digest, and how many
+    bytes it downloaded (counters from its accounting)."""
+    run, root, _, history = finished
+    vdir = root / "validator"
+    proc = subprocess.Popen([sys.executable, "-m", "locoswarm.cli", "validator", "--store", run.uri, "--workdir",
+                             str(vdir), "--windows", str(WINDOWS + 1), "--threads", "1"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = wait_for(lambda: (vdir / "dashboard.url").exists() and (vdir / "dashboard.url").read_text(), 300,
+                       "the validator's dashboard")
+
+        def scored_all() -> dict | None:
+            snap = json.loads(urllib.request.urlopen(url + "api/state", timeout=10).read())
+            return snap if snap["window"] == WINDOWS - 1 else None
+
+        snap = wait_for(scored_all, 300, "the validator to score every window", interval=1.0)
+        metrics = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert snap["trusted"] is False and (snap["present"], snap["in_sync"], snap["absent"]) == (1, 1, 0)
+    (peer,) = snap["peers"]
+    assert peer["peer"] == peer_identity("p0").peer_id and peer["last_window"] == WINDOWS - 1
+    assert peer["base_digest"] == history[-2]["digest"][:12]  # the weights window 2 was trained from
+    received = re.search(r'^locoswarm_received_bytes_total\{run="[^"]+"\} (\S+)$', metrics, re.MULTILINE)
+    # It starts from the checkpoint at window 2 and scores window 2: at least that payload came down.
+    assert received and float(received.group(1)) >= history[-1]["payload_bytes"] > 0
