@@ -236,10 +236,11 @@ class PeerView:
         heldout = [e["heldout_loss"] for e in windows if e.get("heldout_loss") is not None]
         counted = sum(1 for e in windows if e.get("counted"))
         acct = info.get("accounting", {})
-        lines.append(f"trained windows {first['window']}-{last['window']} ({len(windows)}); our payload counted in "
-                     f"{counted} of {len(windows)}")
+        trained = f"window {first['window']}" if len(windows) == 1 else \
+            f"windows {first['window']}-{last['window']} ({len(windows)})"
+        lines.append(f"trained {trained}; our payload counted in {counted} of {len(windows)}")
         if heldout:
-            lines.append(f"held-out loss {heldout[0]:.4f} -> {heldout[-1]:.4f}")
+            lines.append(f"held-out loss {heldout[0]:.4f}" + (f" -> {heldout[-1]:.4f}" if len(heldout) > 1 else ""))
         lines.append(f"sent {human_bytes(acct.get('bytes_up', 0))}, received {human_bytes(acct.get('bytes_down', 0))} "
                      f"in total; {self.warnings.count} warnings")
         seconds = acct.get("seconds") or {}

@@ -89,7 +89,8 @@ def test_terminal_mode_shows_a_live_table_with_phase_losses_bytes_and_warnings(t
     assert "3 kept in window 6; ours NOT counted" in text
     assert "waiting for a counted payload: run store: none" in text
     assert "started from a checkpoint at window 4, 2 windows replayed" in text
-    assert "our payload counted in 0 of 1" in out.getvalue()
+    assert "trained window 6; our payload counted in 0 of 1" in out.getvalue()
+    assert "held-out loss 4.9000\n" in out.getvalue()
     assert json.loads((tmp_path / "progress.json").read_text())["phase"] == "wait"
 
 
