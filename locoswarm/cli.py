@@ -134,10 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("status", "print the run's state: window, loss, peers, scores, sync")
     _add_store_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--windows", type=int, default=8, metavar="N",
+                   help="list every peer seen in the newest N decided windows (default 8)")
     p.add_argument("--eval", action="store_true",
                    help="also replay the run to its newest state and report its held-out loss (builds the model)")
+    p.add_argument("--checkpoint-only", action="store_true",
+                   help="with --eval: evaluate the newest verified checkpoint as it is, without replaying the "
+                        "windows after it")
 
-    p = command("export", "export the run's latest checkpoint as a Hugging Face model")
+    p = command("export", "export the run's newest model (newest checkpoint + the decided windows after it) "
+                          "as a Hugging Face model")
     _add_store_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--checkpoint-only", action="store_true",
@@ -219,6 +225,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return bench_main(args.bench_args)
     try:
         settings = store_settings(args)
+        if getattr(args, "publish_store", None):
+            StoreSettings.parse(args.publish_store)
     except ValueError as exc:
         raise StoreError(f"bad store settings: {exc}") from exc
     from locoswarm.commands import run_command

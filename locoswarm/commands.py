@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -27,7 +28,7 @@ def open_run(args: argparse.Namespace, settings: StoreSettings,
 
     ``identity`` signs what a p2p store announces on our behalf (other stores ignore it).
     """
-    from node.follow import check_run_manifest, read_manifest
+    from node.runinfo import check_run_manifest, read_manifest
 
     store = open_store(settings, identity=identity)
     if args.manifest:
@@ -54,19 +55,30 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
     if args.command == "peer":
         return _run_peer(args, settings)
     if args.command == "status":
-        from locoswarm.status import print_status
+        from locoswarm.status import print_status, run_state
 
         manifest, store = open_run(args, settings)
         with store:
-            heldout = _newest_loss(manifest, store) if args.eval else None
-            return print_status(manifest, store, as_json=args.json, heldout=heldout)
+            state = run_state(manifest, store, recent=args.windows)
+            if args.eval:  # only now: torch and the model cost seconds
+                from locoswarm.export import evaluate, newest_model
+
+                newest = newest_model(manifest, store, checkpoint_only=args.checkpoint_only)
+                state["model"] = newest.facts() | {"heldout_loss": evaluate(newest, manifest),
+                                                   "origin": newest.origin()}
+        print_status(state, as_json=args.json)
+        return 0
     if args.command == "export":
         from locoswarm.export import export_latest
+        from node.runinfo import DecisionRecords
 
         manifest, store = open_run(args, settings)
         with store:
             exported = export_latest(manifest, store, Path(args.out), checkpoint_only=args.checkpoint_only,
                                      sample=args.sample)
+            decided = DecisionRecords(store, manifest).newest()
+        exported["run_newest_window"] = decided.window if decided else None
+        _tell_export(exported)
         print(json.dumps(exported))
         return 0
     if args.command == "validator":
@@ -80,6 +92,19 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
 
 
 def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
+    """``locoswarm peer``, shown on rank 0 by a ``PeerView``: a live table in a terminal, log
+    lines otherwise, and a summary however the peer stops."""
+    from locoswarm.peerview import PeerView
+
+    view = PeerView(Path(args.workdir)).start() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _peer(args, settings)
+    finally:
+        if view is not None:
+            view.stop()
+
+
+def _peer(args: argparse.Namespace, settings: StoreSettings) -> int:
     import torch.distributed
 
     from node.config import NodeConfig
@@ -132,20 +157,20 @@ def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
     return 0
 
 
-def _newest_loss(manifest: Manifest, store: Store) -> tuple[int, float]:
-    """Held-out loss of the run's newest state (replayed like a late joiner's)."""
-    from node.dataset import TokenData
-    from node.follow import replay_to_newest
-    from node.model import build_model, heldout_loss, param_shapes
-    from node.replica import Replica
-    from protocol.codec_types import model_layout
-
-    data = TokenData.load(manifest, store)
-    model = build_model(manifest.model, data.vocab_size, manifest.data.seq_len, manifest.run.seed)
-    layouts = model_layout(param_shapes(model), manifest.codec)
-    replica, _ = replay_to_newest(manifest, store, Replica(dict(model.named_parameters()), 0), layouts)
-    replica.load_into(model)
-    return replica.window, heldout_loss(model, data, manifest.data.eval_sequences, manifest.data.batch_size)
+def _tell_export(exported: dict) -> None:
+    """Say on stderr which window the exported model stands after, and warn when that is
+    not the run's newest state (stdout keeps one JSON line for scripts)."""
+    after, newest = exported["after_window"], exported["run_newest_window"]
+    if after is None:
+        print("locoswarm: warning: no window was applied: this is the untrained genesis model"
+              + ("" if newest is None else f", although the run has decided windows up to {newest}"), file=sys.stderr)
+    else:
+        print(f"exported the model after window {after} ({exported['origin']}) to {exported['out']}", file=sys.stderr)
+        if newest is not None and newest > after:
+            print(f"locoswarm: warning: the run has decided windows up to {newest}; this model stands after "
+                  f"window {after}", file=sys.stderr)
+    if "sample_text" in exported:
+        print(f"sample: {exported['sample_text']!r}", file=sys.stderr)
 
 
 def _init_manifest(args: argparse.Namespace) -> Manifest:

@@ -1,38 +1,103 @@
-"""``locoswarm inspect FILE``: show what a payload object holds, or why it is refused.
+"""``locoswarm inspect FILE``: show what a payload object holds, or why every receiver refuses it.
 
-Works without the run's manifest: it checks size, framing, signature and the header's
-internal consistency (``protocol.wire.read_header``) but decodes no tensor data, so it is
-also the tool for looking at a payload some peer refused.
+Works without the run's manifest: the payload is decoded in full, exactly as a receiver
+decodes it (``protocol.wire.decode_payload``: framing, signature, strict header, sections,
+every index and code), against what its own header declares. So a payload that every
+receiver refuses (duplicate positions in a chunk, say) is refused here too, with the same
+error class. Only what needs the run is left out: its run key, the window a receiver is at,
+the base digest of its weights, the peer it expects.
+
+A truncated file fails the signature check first (the key and signature sit at the end),
+which on its own reads like tampering; so when a file is shorter than its own framing says,
+``inspect`` says "truncated" and how many bytes are missing, next to what receivers report.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import struct
 import sys
 from pathlib import Path
 
 from protocol.errors import PayloadRejected, PayloadTooLarge
-from protocol.wire import MAGIC, VERSION, PayloadHeader, read_header
+from protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from protocol.manifest import CodecConfig
+from protocol.records import unpack_strict
+from protocol.wire import (
+    MAGIC,
+    MAX_HEADER_BYTES,
+    VERSION,
+    Expectation,
+    Payload,
+    PayloadHeader,
+    decode_payload,
+    read_header,
+)
+
+_PREFIX = struct.Struct(">4sHI")
+_TRAILER = PUBLIC_KEY_BYTES + SIGNATURE_BYTES
 
 
 def run(path: str, *, max_bytes: int = 1 << 30) -> int:
-    """Print a payload file's header and per-tensor sizes; 0 when valid, 2 when refused."""
+    """Print a payload file's header and per-tensor sizes; 0 when every receiver would
+    accept it (as far as it can be told without the run), 2 when refused or unreadable."""
     try:
         size = os.path.getsize(path)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"payload is {size} bytes, over the cap of {max_bytes}")
-        data = Path(path).read_bytes()
-        header, public_key = read_header(data, max_bytes=max_bytes)
+        data = Path(path).read_bytes() if size <= max_bytes else b""
     except OSError as exc:
         print(f"cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    try:
+        if size > max_bytes:
+            raise PayloadTooLarge(f"payload is {size} bytes, over the cap of {max_bytes}")
+        payload = decode_as_receiver(data, max_bytes=max_bytes)
     except PayloadRejected as exc:
-        print(f"{path}: refused: {type(exc).__name__}: {exc}", file=sys.stderr)
+        what = f"{type(exc).__name__}: {exc}"
+        cut = truncation(data)
+        if cut is not None:
+            print(f"{path}: refused: truncated: {cut}; every receiver refuses it as {what}", file=sys.stderr)
+        else:
+            print(f"{path}: refused: {what}", file=sys.stderr)
         return 2
-    for line in describe(header, public_key, size=len(data), path=path):
+    for line in describe(payload.header, payload.public_key, size=len(data), path=path):
         print(line)
+    print("verdict     valid: every receiver decodes it (not checked without the run: run key, window, "
+          "base digest, expected peer)")
     return 0
+
+
+def decode_as_receiver(data: bytes, *, max_bytes: int) -> Payload:
+    """Decode ``data`` as every receiver does, expecting what its own header declares."""
+    header, _ = read_header(data, max_bytes=max_bytes)
+    c = header.codec
+    codec = CodecConfig(chunk=c.chunk, tile=c.tile, topk=c.topk, bits=c.bits)
+    expect = Expectation(run=header.run, window=header.window, layouts=header.layouts, codec=codec,
+                         max_bytes=max_bytes)
+    return decode_payload(data, expect)
+
+
+def truncation(data: bytes) -> str | None:
+    """How a file is shorter than its own framing says it is, or None when it is not (or
+    the framing is unreadable). Reads the header without trusting it: it only words the
+    report, it decides nothing."""
+    if len(data) < _PREFIX.size:
+        return f"{len(data)} bytes, shorter than a payload's fixed prefix" if MAGIC.startswith(data[:4]) else None
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC or version != VERSION or header_len > MAX_HEADER_BYTES:
+        return None
+    header_end = _PREFIX.size + header_len
+    if len(data) < header_end:
+        return f"its header alone takes {header_end} bytes, the file has {len(data)}"
+    try:
+        tensors = unpack_strict(data[_PREFIX.size:header_end], header_len)["tensors"]
+        sections = sum(int(t[7]) + int(t[8]) + int(t[9]) for t in tensors)
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    want = header_end + sections + _TRAILER
+    if len(data) >= want:
+        return None
+    return f"its header declares {want} bytes, the file has {len(data)} ({want - len(data)} missing)"
 
 
 def describe(header: PayloadHeader, public_key: bytes, *, size: int, path: str) -> list[str]:
@@ -56,8 +121,8 @@ def describe(header: PayloadHeader, public_key: bytes, *, size: int, path: str) 
         f"base digest {header.base_digest.hex()}",
         f"tokens      {header.tokens}",
         f"created at  {created} ({header.created_at})",
-        f"codec       chunk={c.chunk} tile={c.tile} topk={c.topk} bits={c.bits} levels={list(c.levels)} "
-        f"scale_steps_per_octave={c.scale_steps_per_octave}",
+        (f"codec       chunk={c.chunk} tile={c.tile} topk={c.topk} bits={c.bits} levels={list(c.levels)} "
+        f"scale_steps_per_octave={c.scale_steps_per_octave}"),
         f"tensors     {len(header.tensors)}, {params} parameters",
     ]
     width = max(len(t.layout.name) for t in header.tensors)

@@ -113,7 +113,7 @@ class Peer:
         self.closing = (Closing(store, manifest, self.identity, self.exchange, self.acct)
                         if self.identity.public_key.hex() in manifest.closers and self.leader else None)
         """Set when our key is one of the run's closers: we take part in deciding windows."""
-        self.metrics = SwarmMetrics(CollectorRegistry())
+        self.metrics = SwarmMetrics(CollectorRegistry(), run=manifest.run_key, role="peer", accounting=self.acct)
         self.replayed = 0
         self.overlap = manifest.inner.overlap and self.world == 1
         """Train the next window while this one is exchanged (``inner.overlap``; one rank only)."""
@@ -333,6 +333,7 @@ class Peer:
                 heldout = self.heldout_loss()
         entry = {
             "window": w, "train_loss": train_loss, "heldout_loss": heldout, "included": len(gathered.accepted),
+            "counted": self.peer_id in gathered.accepted,
             "payload_bytes": payload_bytes, "bytes_up": self.acct.bytes_up, "bytes_down": self.acct.bytes_down,
             "digest": digest, "time": time.time(),
         }
@@ -352,8 +353,6 @@ class Peer:
         m.payload_bytes.keep(i.peer_id for i in decision.included)  # series for this window's counted peers
         for inc in decision.included:
             m.payload_bytes.set(inc.peer_id, inc.size)
-        m.bytes_sent.set(self.acct.bytes_up)
-        m.bytes_received.set(self.acct.bytes_down)
 
     def persist(self, *, publishes: bool = False) -> None:
         """Snapshot the resumable state; a background thread writes it (atomically: a kill

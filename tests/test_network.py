@@ -53,7 +53,7 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
                    and (peers[0].workdir / "metrics.url").read_text(),
                    180, "peer 0 to finish a window and serve metrics")
     metrics = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert "locoswarm_window " in metrics and "locoswarm_bytes_sent " in metrics
+    assert "locoswarm_window{" in metrics and "locoswarm_sent_bytes_total{" in metrics
     for p in peers:
         assert p.wait(timeout=240) == 0, p.log()
     digests = {final_digest(p) for p in peers}
@@ -69,13 +69,14 @@ def test_three_peers_learn_together_and_stay_bit_identical(run):
     status = last_json_line(res.stdout)
     assert status["window"] == 3 and len(status["peers"]) == 3
     assert all(info["included_last"] and info["standing"] for info in status["peers"].values())
-    assert status["heldout_window"] == 4 and status["heldout_loss"] == pytest.approx(curve[-1], rel=1e-4)
+    assert status["model"]["after_window"] == 3 and status["model"]["heldout_loss"] == pytest.approx(curve[-1], rel=1e-4)
 
     out = root / "hf"
     res = subprocess.run([sys.executable, "-m", "locoswarm.cli", "export", "--store", uri, "--out",
                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     exported_info = last_json_line(res.stdout)
-    assert exported_info["window"] == 4 and exported_info["replayed"] == 2, res.stderr[-2000:]  # checkpoint 2 + 2 windows
+    assert (exported_info["after_window"], exported_info["checkpoint"], exported_info["replayed"]) == (3, 2, 2), \
+        res.stderr[-2000:]  # the checkpoint of window 2, windows 2 and 3 replayed
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(out)

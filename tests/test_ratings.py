@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -138,3 +139,25 @@ def test_a_swarm_of_weak_keys_lowers_the_bar_only_without_a_reference(reference)
     ratings.update(0, scores, evidence=evidence, reference=reference)
     assert ratings.included("good0", True)
     assert ratings.included("weak", True) is (reference is None)
+
+
+def test_a_lone_peer_keeps_being_rated():
+    """Alone in its windows, a helpful peer still climbs and a failing one still falls."""
+    helpful, failing = Ratings(), Ratings()
+    mus = []
+    for w in range(7):
+        helpful.update(w, {"solo": 0.3}, evidence={"solo": 0.05})
+        failing.update(w, {}, failed=["solo"])
+        mus.append(helpful.peers["solo"].mu)
+    assert all(b > a for a, b in itertools.pairwise(mus)), mus
+    assert helpful.weight("solo") > 0.5 > failing.weight("solo")
+    assert helpful.peers["solo"].rated_windows == 7
+
+
+def test_why_a_peer_is_not_included_is_said_in_words():
+    ratings = Ratings()
+    ratings.update(0, {"good": 0.3, "lazy": 0.3}, evidence={"good": 0.05, "lazy": -0.01})
+    assert ratings.why_excluded("good", True) == "" and ratings.included("good", True)
+    assert ratings.why_excluded("good", False) == "its payload failed a check"
+    assert ratings.why_excluded("lazy", True).startswith("evidence average -0.01 is below 0")
+    assert not ratings.included("lazy", True)

@@ -576,3 +576,46 @@ def test_inspect_shows_a_payload_with_an_absurd_timestamp(tmp_path: Path, capsys
     path.write_bytes(forge(make_payload(), edit_header=_set(("created_at",), 1e300)))
     assert inspect.run(str(path)) == 0
     assert "not a date (1e+300)" in capsys.readouterr().out
+
+
+def test_inspect_says_truncated_for_a_cut_file_next_to_what_receivers_report(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_payload()
+    header_end = 10 + struct.unpack_from(">I", data, 6)[0]
+    cases = {
+        len(data) - 40: f"the file has {len(data) - 40} (40 missing); every receiver refuses it as BadSignature",
+        header_end - 5: f"its header alone takes {header_end} bytes, the file has {header_end - 5}; every receiver "
+                        f"refuses it as MalformedPayload",
+        8: "8 bytes, shorter than a payload's fixed prefix",
+    }
+    for cut, says in cases.items():
+        path = tmp_path / f"cut{cut}.bin"
+        path.write_bytes(data[:cut])
+        assert inspect.run(str(path)) == 2
+        err = capsys.readouterr().err
+        assert "refused: truncated: " in err and says in err, err
+    forged = tmp_path / "forged.bin"
+    forged.write_bytes(forge(data, identity=MALLORY)[:-1] + b"\0")  # whole length, bad signature: not truncated
+    assert inspect.run(str(forged)) == 2
+    assert "refused: truncated" not in capsys.readouterr().err
+
+
+def test_inspect_refuses_what_every_receiver_refuses_duplicate_positions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tensors = random_tensors()
+    valid = make_payload(tensors)
+    entries = read_header(valid, max_bytes=1 << 20)[0].tensors
+    at = next(i for i, e in enumerate(entries) if e.layout.k >= 2)
+    offset = sum(e.section_bytes for e in entries[:at])
+    dup = tensors[entries[at].layout.name].idx.clone()
+    dup[0, 1] = dup[0, 0]  # one error-feedback position twice in a chunk
+    section = encode_indices(dup, entries[at].layout.chunk_len).numpy().tobytes()
+    assert len(section) == entries[at].index_bytes
+    data = forge(valid, edit_body=lambda body: body[:offset] + section + body[offset + len(section):])
+    with pytest.raises(MalformedPayload, match="strictly increasing"):
+        decode_payload(data, expectation())  # what a receiver says
+    path = tmp_path / "dup.bin"
+    path.write_bytes(data)
+    assert inspect.run(str(path)) == 2
+    err = capsys.readouterr().err
+    assert "MalformedPayload" in err and "strictly increasing" in err and "refused: truncated" not in err

@@ -1,15 +1,20 @@
-"""The validator's web dashboard: a leaderboard, a loss curve, bytes per window, sync state.
+"""The validator's web dashboard: who is present, in sync and trusted, the loss, bytes per window.
 
 The validator's loop writes into a ``DashboardState`` (thread-safe: one lock, and every
 reader gets a copied snapshot); ``Dashboard`` serves it with the standard library's
 ``ThreadingHTTPServer`` on 127.0.0.1 by default:
 
-    /             HTML page rendered on the server: tables plus inline SVG charts. No
-                  JavaScript, no external assets or CDN; the page reloads itself every
-                  ``refresh_seconds``.
+    /             the page, rendered on the server: facts, leaderboard, inline SVG charts,
+                  a glossary of every column. No external assets or CDN. A few lines of
+                  JavaScript replace its live part from /live every ``refresh_seconds``
+                  (without JavaScript the page reloads itself instead).
+    /live         the live part alone (HTML)
     /api/state    the same snapshot as JSON
     /metrics      Prometheus exposition of the state's registry (``node.metrics``)
 
+What the page says is what the validator saw, not what it last remembered: a peer that did
+not publish in the newest window is shown absent (since when, and for how long), and
+whether a peer is in sync comes from the base digest its newest payload was built on.
 Everything that came from the network (peer ids, reasons) is HTML-escaped.
 """
 
@@ -23,20 +28,48 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from node.accounting import Accounting
 from node.metrics import SwarmMetrics
 from protocol.scores import PeerScore
+from validator.charts import human_bytes, svg_bar_chart, svg_line_chart
 
 log = logging.getLogger(__name__)
 
 SHOWN_COMPONENTS = ("score", "gain_unassigned", "gain_assigned", "evidence", "evidence_ema")
 """Score components shown in the leaderboard, in this order (others are in /api/state)."""
+
+COLUMNS: dict[str, str] = {
+    "#": "Rank by this validator's weight; peers absent from the newest window come last.",
+    "peer": "The peer's id: the first 24 hex digits of the hash of its public key.",
+    "present": "Whether the peer published a payload in the newest window; if not, the last window it "
+               "published in, and for how many windows and how long it has been gone.",
+    "rating μ ± σ": "This validator's OpenSkill rating of the peer, from how its updates ranked window after "
+                    "window: μ is the skill estimate, σ its uncertainty (it grows while the peer is away).",
+    "weight": "0 to 1, from the rating's conservative estimate μ − 3σ; a new peer gets 0.5 until it has been "
+              "rated 3 times, and the weight decays while the peer is absent.",
+    "score": "How much the peer's update lowered the loss, the mean of the two gains below (higher is better).",
+    "gain_unassigned": "Loss decrease on data the peer could not know in advance: how much the update helps "
+                       "everyone.",
+    "gain_assigned": "Loss decrease on the batches the peer was assigned to train on.",
+    "evidence": "gain_assigned − gain_unassigned: above 0 when the update fits the peer's own assigned data, "
+                "i.e. the peer really trained on it.",
+    "evidence_ema": "Moving average of evidence over windows; a peer far below the typical peer's is not "
+                    "included.",
+    "included": "Whether this validator's scores of the newest window include the peer, and if not, why. A peer "
+                "counts in later windows once more than half of the run's trusted validators include it.",
+    "in sync": "Whether the peer's newest payload was built on the same global weights as this validator's "
+               "(its base digest, shown on hover); – when unknown (absent, or refused before that check).",
+    "last payload": "Size of the peer's newest payload object.",
+    "last refusal": "Why the peer's newest payload was refused, if it was.",
+}
+"""Every leaderboard column and what it means: shown under the table, and as header tooltips."""
 
 
 @dataclass
@@ -49,11 +82,19 @@ class PeerView:
     weight: float | None = None
     components: dict[str, float] = field(default_factory=dict)
     included: bool = False
+    """This validator includes the peer in its scores of the newest window."""
+    excluded_because: str = ""
+    """Why this validator does not include the peer, when it was scored and is not."""
     in_sync: bool | None = None
-    """False when the peer's last payload was built on other base weights (out of sync)."""
+    """Whether the newest payload's base digest is ours; None when unknown (absent, or
+    refused before the decoder got to the base digest)."""
+    base_digest: str | None = None
+    """Hex prefix of the base digest the newest payload was built on, when decoded."""
     payload_bytes: int | None = None
     last_window: int | None = None
     """Last window in which the peer published."""
+    last_seen_at: float | None = None
+    """Unix time at which we last saw a payload of the peer."""
     reason: str = ""
     """Why the last payload was refused, or empty."""
 
@@ -63,15 +104,23 @@ def _finite(x: float | None) -> float | None:
 
 
 class DashboardState:
-    """What the dashboard shows; the validator updates it, the server threads read it."""
+    """What the dashboard shows; the validator updates it, the server threads read it.
 
-    def __init__(self, run: str, validator_id: str, *, registry: CollectorRegistry | None = None, history: int = 1000,
-                 max_rows: int = 1000):
+    ``trusted``: the run's manifest trusts this validator's key (peers read its scores);
+    ``closer``: it is also one of the run's closers (it takes part in deciding windows).
+    """
+
+    def __init__(self, run: str, validator_id: str, *, trusted: bool = True, closer: bool = False,
+                 registry: CollectorRegistry | None = None, accounting: Accounting | None = None,
+                 history: int = 1000, max_rows: int = 1000, clock: Callable[[], float] = time.time):
         self.run = run
         self.max_rows = max_rows
         self.validator_id = validator_id
+        self.trusted = trusted
+        self.closer = closer
+        self.clock = clock
         self.registry = registry or CollectorRegistry()
-        self.metrics = SwarmMetrics(self.registry)
+        self.metrics = SwarmMetrics(self.registry, run=run, role="validator", accounting=accounting)
         self._lock = threading.Lock()
         self._window: int | None = None
         self._heldout: float | None = None
@@ -82,8 +131,11 @@ class DashboardState:
         self._updated = 0.0
 
     def finish_window(self, window: int, *, heldout_loss: float | None, payload_bytes: Mapping[str, int]) -> None:
-        """Record a finished window: the global model's held-out loss and each payload's size."""
+        """Record a finished window: the global model's held-out loss and the size of each
+        payload it counted. Peers that published nothing in it are marked absent: not
+        included, sync unknown."""
         total = sum(payload_bytes.values())
+        now = self.clock()
         with self._lock:
             self._window = window
             self._heldout = _finite(heldout_loss)
@@ -92,20 +144,22 @@ class DashboardState:
             self._bytes.append((window, total))
             for peer, size in payload_bytes.items():
                 view = self._peers.setdefault(peer, PeerView(peer))
-                view.payload_bytes, view.last_window = size, window
-            included = sum(1 for v in self._peers.values() if v.included)
+                view.payload_bytes, view.last_window, view.last_seen_at = size, window, now
+            for view in self._peers.values():
+                if view.last_window is None or view.last_window < window:
+                    view.included, view.in_sync, view.excluded_because = False, None, ""
             # Rows, and the metric series that survive into the next window: counted peers
             # first, then by weight, then the most recently seen; a swarm of fresh keys
             # cannot grow either without bound.
             ranked = sorted(self._peers.values(),
                             key=lambda v: (not v.included, -(v.weight or 0.0), -(v.last_window or -1), v.peer))
             self._peers = {v.peer: v for v in ranked[: self.max_rows]}
-            self._updated = time.time()
+            self._updated = now
         self.metrics.window.set(window)
         if heldout_loss is not None:
             self.metrics.heldout_loss.set(heldout_loss)
         self.metrics.window_bytes.set(total)
-        self.metrics.peers_included.set(included)
+        self.metrics.peers_included.set(len(payload_bytes))
         self.metrics.payload_bytes.keep(v.peer for v in ranked)
         self.metrics.peer_weight.keep(v.peer for v in ranked)
         for peer, size in payload_bytes.items():
@@ -119,8 +173,10 @@ class DashboardState:
                 if name == "peer" or name not in PeerView.__dataclass_fields__:
                     raise TypeError(f"PeerView has no settable field {name!r}")
                 setattr(view, name, value)
+            if "last_window" in fields:
+                view.last_seen_at = self.clock()
             weight = view.weight
-            self._updated = time.time()
+            self._updated = self.clock()
         if weight is not None:
             self.metrics.peer_weight.set(peer, weight)
 
@@ -136,6 +192,18 @@ class DashboardState:
                 sigma=s.components.get("sigma"),
             )
 
+    def record_ratings(self, ratings: Mapping[str, tuple[float, float, float]]) -> None:
+        """``(mu, sigma, weight)`` of peers that already have a row (absent ones, whose
+        ratings keep changing while they are away); others are ignored, so this cannot add
+        rows."""
+        with self._lock:
+            changed = {p: r for p, r in ratings.items() if p in self._peers}
+            for peer, (mu, sigma, weight) in changed.items():
+                view = self._peers[peer]
+                view.mu, view.sigma, view.weight = mu, sigma, weight
+        for peer, (_, _, weight) in changed.items():
+            self.metrics.peer_weight.set(peer, weight)
+
     def record_rejection(self, peer: str, check: str, reason: str) -> None:
         """Count a refused payload under its check label and show the reason on its row."""
         with self._lock:
@@ -143,20 +211,24 @@ class DashboardState:
             view = self._peers.setdefault(peer, PeerView(peer))
             view.reason = f"{check}: {reason}"
             view.included = False
-            if check == "out_of_sync":
-                view.in_sync = False
-        self.metrics.rejections.labels(reason=check).inc()
+        self.metrics.rejected(check)
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy of everything, peers sorted by weight (highest first)."""
+        """A JSON-ready copy of everything. Peers present in the newest window come first,
+        then by weight (highest first); each says how long it has been absent, if it is."""
+        now = self.clock()
         with self._lock:
             peers = [dataclasses.asdict(v) for v in self._peers.values()]
+            window = self._window
             snap = {
                 "run": self.run,
                 "validator": self.validator_id,
-                "window": self._window,
+                "trusted": self.trusted,
+                "closer": self.closer,
+                "window": window,
                 "heldout_loss": self._heldout,
                 "updated_at": self._updated,
+                "now": now,
                 "loss_curve": [list(p) for p in self._loss],
                 "bytes_per_window": [list(p) for p in self._bytes],
                 "rejections": dict(sorted(self._rejections.items())),
@@ -165,172 +237,184 @@ class DashboardState:
             p["components"] = {k: v for k, v in p["components"].items() if math.isfinite(v)}
             for key in ("mu", "sigma", "weight"):
                 p[key] = _finite(p[key])
-        peers.sort(key=lambda p: (-(p["weight"] if p["weight"] is not None else -1.0), p["peer"]))
+            p["present"] = window is not None and p["last_window"] == window
+            p["absent_windows"] = None if p["present"] or window is None or p["last_window"] is None \
+                else window - p["last_window"]
+            p["absent_seconds"] = None if p["present"] or p["last_seen_at"] is None \
+                else max(0.0, now - p["last_seen_at"])
+        peers.sort(key=lambda p: (not p["present"], -(p["weight"] if p["weight"] is not None else -1.0), p["peer"]))
         snap["peers"] = peers
+        present = [p for p in peers if p["present"]]
+        snap["present"] = len(present)
+        snap["in_sync"] = sum(1 for p in present if p["in_sync"])
+        snap["absent"] = len(peers) - len(present)
         return snap
 
 
-# --- rendering -----------------------------------------------------------------------------
-
-_W, _H = 560, 220
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 16, 36
+# --- page ----------------------------------------------------------------------------------
 
 
-def _axis_range(values: Sequence[float]) -> tuple[float, float]:
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-12:
-        return lo - 0.5, hi + 0.5
-    pad = 0.05 * (hi - lo)
-    return lo - pad, hi + pad
+def human_seconds(s: float) -> str:
+    """75 -> '1 min 15 s'; 7300 -> '2 h 1 min'."""
+    s = round(s)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _chart_frame(
-    svg_id: str, title: str, xs: Sequence[float], y_range: tuple[float, float], y_fmt: Any
-) -> tuple[list[str], Any, Any]:
-    """Open an SVG with a plot area, grid and tick labels; returns (parts, x->px, y->px)."""
-    x0, x1 = _axis_range(xs)
-    y0, y1 = y_range
-    pw, ph = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+def _cell(label: str, value: Any, fmt: Callable[[Any], str] = str, cls: str = "", title: str = "") -> str:
+    text = "–" if value is None else fmt(value)
+    attrs = f' data-label="{html.escape(label)}"' + (f' class="{cls}"' if cls else "") + \
+        (f' title="{html.escape(title)}"' if title else "")
+    return f"<td{attrs}>{html.escape(text)}</td>"
 
-    def px(x: float) -> float:
-        return _LEFT + (x - x0) / (x1 - x0) * pw
 
-    def py(y: float) -> float:
-        return _TOP + (1.0 - (y - y0) / (y1 - y0)) * ph
+def _presence(p: Mapping[str, Any]) -> str:
+    if p["present"]:
+        return "yes"
+    if p["absent_windows"] is None:
+        return "never published"
+    n = p["absent_windows"]
+    gone = f"{n} window{'s' if n != 1 else ''}" + (f", {human_seconds(p['absent_seconds'])}"
+                                                   if p["absent_seconds"] is not None else "")
+    return f"absent since window {p['last_window']} ({gone})"
 
-    parts = [
-        f'<svg id="{svg_id}" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
-        f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{html.escape(title)}">',
-        f"<title>{html.escape(title)}</title>",
-        f'<rect x="{_LEFT}" y="{_TOP}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#999"/>',
+
+def _row(rank: int, p: Mapping[str, Any]) -> str:
+    comps = p["components"]
+    rating = None if p["mu"] is None else f"{p['mu']:.1f} ± {p['sigma'] or 0:.1f}"
+    sync = None if p["in_sync"] is None else ("yes" if p["in_sync"] else "NO")
+    cells = [
+        _cell("#", rank),
+        _cell("peer", p["peer"], cls="mono"),
+        _cell("present", _presence(p), cls="present" if p["present"] else "absent"),
+        _cell("rating μ ± σ", rating),
+        _cell("weight", p["weight"], lambda w: f"{w:.3f}"),
+        *(_cell(c, comps.get(c), _fmt) for c in SHOWN_COMPONENTS),
+        _cell("included", "yes" if p["included"] else ("no: " + p["excluded_because"] if p["excluded_because"] else "no"),
+              cls="" if p["included"] else "why"),
+        _cell("in sync", sync, cls="sync", title=f"base digest {p['base_digest']}" if p["base_digest"] else ""),
+        _cell("last payload", p["payload_bytes"], human_bytes),
+        _cell("last refusal", p["reason"] or None, cls="reason"),
     ]
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#e4e4e4"/>')
-        parts.append(f'<text x="{_LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end" font-size="11">{y_fmt(y)}</text>')
-    lo_w, hi_w = min(xs), max(xs)
-    for w in sorted({lo_w, hi_w, round((lo_w + hi_w) / 2)}):
-        parts.append(f'<text x="{px(w):.1f}" y="{_H - _BOTTOM + 16}" text-anchor="middle" font-size="11">{int(w)}</text>')
-    parts.append(f'<text x="{_LEFT + pw / 2}" y="{_H - 4}" text-anchor="middle" font-size="11">window</text>')
-    return parts, px, py
+    classes = "peer-row" + ("" if p["present"] else " absent") + ("" if p["included"] else " excluded")
+    return f'<tr class="{classes}" data-peer="{html.escape(p["peer"])}">{"".join(cells)}</tr>'
 
 
-def _empty_chart(svg_id: str, title: str) -> str:
-    return (
-        f'<svg id="{svg_id}" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" role="img" '
-        f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>'
-        f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" font-size="13" fill="#777">no data yet</text></svg>'
-    )
+def _trust(snap: Mapping[str, Any]) -> str:
+    if not snap["trusted"]:
+        return ('<p id="trust" class="untrusted">This validator is <b>not trusted</b> by the run: its key is not in '
+                "the manifest's <code>validators.keys</code>, so peers ignore its scores. What it shows is still what "
+                "it saw.</p>")
+    role = "trusted by the run and one of its closers (it takes part in deciding windows)" if snap["closer"] \
+        else "trusted by the run: peers read its scores"
+    return f'<p id="trust" class="trusted">This validator is {role}.</p>'
 
 
-def svg_line_chart(points: Sequence[tuple[float, float]], *, svg_id: str, title: str) -> str:
-    """An inline SVG line chart of (window, value) points, e.g. the held-out loss curve."""
-    if not points:
-        return _empty_chart(svg_id, title)
-    parts, px, py = _chart_frame(svg_id, title, [p[0] for p in points], _axis_range([p[1] for p in points]), _fmt)
-    coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
-    parts.append(f'<polyline class="curve" points="{coords}" fill="none" stroke="#1f6fb2" stroke-width="2"/>')
-    x, y = points[-1]
-    parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="#1f6fb2"><title>window {int(x)}: {_fmt(y)}</title></circle>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def svg_bar_chart(points: Sequence[tuple[float, float]], *, svg_id: str, title: str) -> str:
-    """An inline SVG bar chart of (window, bytes) points, y axis from zero."""
-    if not points:
-        return _empty_chart(svg_id, title)
-    top = max(p[1] for p in points)
-    parts, px, py = _chart_frame(svg_id, title, [p[0] for p in points], (0.0, 1.05 * top if top > 0 else 1.0), human_bytes)
-    n = len(points)
-    span = (px(max(p[0] for p in points)) - px(min(p[0] for p in points))) / max(1, n - 1) if n > 1 else 24.0
-    bar = max(1.0, min(24.0, 0.7 * span))
-    for x, y in points:
-        y_px = py(y)
-        parts.append(
-            f'<rect class="bar" x="{px(x) - bar / 2:.1f}" y="{y_px:.1f}" width="{bar:.1f}" height="{py(0.0) - y_px:.1f}" '
-            f'fill="#4a9a5c"><title>window {int(x)}: {human_bytes(y)}</title></rect>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    units = ("B", "KiB", "MiB", "GiB")
-    i = 0
-    while abs(n) >= 1024 and i < len(units) - 1:
-        n /= 1024
-        i += 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
-
-
-def _cell(value: Any, fmt: Any = str) -> str:
-    return "<td>–</td>" if value is None else f"<td>{html.escape(fmt(value))}</td>"
-
-
-def render_html(snap: Mapping[str, Any], *, refresh_seconds: int = 10) -> str:
-    """The dashboard page for one snapshot (pure function of the snapshot)."""
+def render_live(snap: Mapping[str, Any]) -> str:
+    """The part of the page that changes: facts, leaderboard, charts and refusals."""
     e = html.escape
     peers = snap["peers"]
-    synced = sum(1 for p in peers if p["in_sync"] is not False)
-    rows = []
-    for rank, p in enumerate(peers, 1):
-        comps = p["components"]
-        rating = None if p["mu"] is None else f"{p['mu']:.1f} ± {p['sigma'] or 0:.1f}"
-        sync = "–" if p["in_sync"] is None else ("yes" if p["in_sync"] else "NO")
-        rows.append(
-            f'<tr class="peer-row{" excluded" if not p["included"] else ""}" data-peer="{e(p["peer"])}">'
-            f"<td>{rank}</td><td class=\"mono\">{e(p['peer'])}</td>"
-            f"{_cell(rating)}{_cell(p['weight'], lambda w: f'{w:.3f}')}"
-            + "".join(_cell(comps.get(c), _fmt) for c in SHOWN_COMPONENTS)
-            + f"<td>{'yes' if p['included'] else 'no'}</td><td>{sync}</td>"
-            f"{_cell(p['payload_bytes'], human_bytes)}{_cell(p['last_window'])}"
-            f"<td class=\"reason\">{e(p['reason'])}</td></tr>"
-        )
-    header = "".join(
-        f"<th>{h}</th>"
-        for h in ("#", "peer", "rating μ ± σ", "weight", *SHOWN_COMPONENTS, "included", "in sync", "last payload",
-                  "last window", "last refusal")
-    )
-    rejections = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in snap["rejections"].items())
     loss = snap["heldout_loss"]
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="refresh" content="{int(refresh_seconds)}">
-<title>locoswarm validator · {e(snap['run'])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-h1 {{ font-size: 1.3em; }} h2 {{ font-size: 1.1em; margin-top: 1.4em; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }}
-th {{ background: #f0f0f0; }} td.mono {{ font-family: monospace; text-align: left; }}
-td.reason {{ text-align: left; color: #a33; max-width: 28em; white-space: normal; }}
-tr.excluded td {{ color: #888; }} .charts {{ display: flex; flex-wrap: wrap; gap: 1.5em; }}
-.facts span {{ margin-right: 1.5em; }}
-</style></head><body>
-<h1>locoswarm validator</h1>
-<p class="facts"><span>run <b>{e(snap['run'])}</b></span><span>validator <b class="mono">{e(snap['validator'])}</b></span>
-<span>window <b id="window">{'–' if snap['window'] is None else snap['window']}</b></span>
+    updated = "never" if not snap["updated_at"] else f"{human_seconds(snap['now'] - snap['updated_at'])} ago"
+    header = "".join(f'<th title="{e(doc)}">{e(name).replace("_", "_<wbr>")}</th>' for name, doc in COLUMNS.items())
+    rows = "".join(_row(rank, p) for rank, p in enumerate(peers, 1))
+    rejections = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in snap["rejections"].items())
+    return f"""{_trust(snap)}
+<p class="facts"><span>window <b id="window">{'–' if snap['window'] is None else snap['window']}</b></span>
 <span>held-out loss <b id="heldout">{'–' if loss is None else _fmt(loss)}</b></span>
-<span>peers in sync <b id="sync">{synced} / {len(peers)}</b></span></p>
+<span>peers present <b id="present">{snap['present']}</b></span>
+<span>in sync <b id="sync">{snap['in_sync']} of {snap['present']}</b></span>
+<span>absent <b id="absent">{snap['absent']}</b></span>
+<span>updated <b id="updated">{updated}</b></span></p>
 <h2>Leaderboard</h2>
-<table id="leaderboard"><thead><tr>{header}</tr></thead><tbody>
-{''.join(rows) or '<tr><td colspan="15">no peers yet</td></tr>'}
-</tbody></table>
+<div class="wide"><table id="leaderboard"><thead><tr>{header}</tr></thead><tbody>
+{rows or f'<tr><td colspan="{len(COLUMNS)}">no peers yet</td></tr>'}
+</tbody></table></div>
 <div class="charts">
 <div><h2>Held-out loss</h2>{svg_line_chart(snap['loss_curve'], svg_id='loss-curve', title='held-out loss per window')}</div>
-<div><h2>Bytes per window</h2>{svg_bar_chart(snap['bytes_per_window'], svg_id='bytes-chart', title='payload bytes per window')}</div>
+<div><h2>Bytes per window</h2>{svg_bar_chart(snap['bytes_per_window'], svg_id='bytes-chart',
+                                              title='bytes of the payloads each window counted')}</div>
 </div>
 <h2>Refusals</h2>
 <table id="rejections"><thead><tr><th>check</th><th>count</th></tr></thead><tbody>
 {rejections or '<tr><td colspan="2">none</td></tr>'}
-</tbody></table>
+</tbody></table>"""
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1em; color: #222; overflow-wrap: anywhere; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.2em; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { border: 1px solid #ccc; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; cursor: help; white-space: normal; overflow-wrap: normal; } .mono { font-family: monospace; text-align: left; }
+td.reason { text-align: left; color: #a33; max-width: 18em; white-space: normal; }
+td.absent { color: #a60; white-space: normal; max-width: 12em; } td.why { white-space: normal; max-width: 14em; } tr.excluded td { color: #888; } tr.absent td.absent { color: #a60; }
+.wide { max-width: 100%; overflow-x: auto; }
+.charts { display: flex; flex-wrap: wrap; gap: 1.5em; } .charts > div { flex: 1 1 300px; max-width: 480px; }
+svg.chart { width: 100%; height: auto; display: block; }
+.facts { display: flex; flex-wrap: wrap; gap: 0.3em 1.5em; }
+.untrusted { background: #fde8e8; border: 1px solid #c33; padding: 0.5em; }
+.trusted { color: #264; }
+dl#glossary dt { font-weight: 600; margin-top: 0.4em; } dl#glossary dd { margin-left: 1.2em; }
+@media (max-width: 760px) {
+  #leaderboard thead { display: none; }
+  #leaderboard, #leaderboard tbody, #leaderboard tr, #leaderboard td { display: block; }
+  #leaderboard tr { border: 1px solid #bbb; margin-bottom: 0.7em; }
+  #leaderboard td { border: none; border-bottom: 1px solid #eee; white-space: normal; text-align: right;
+                    max-width: none; }
+  #leaderboard td::before { content: attr(data-label); float: left; font-weight: 600; color: #444;
+                            margin-right: 1em; }
+}
+"""
+
+_SCRIPT = """
+(function () {
+  var every = %d * 1000;
+  function refresh() {
+    fetch("/live", {cache: "no-store"}).then(function (r) {
+      if (!r.ok) throw new Error(r.status);
+      return r.text();
+    }).then(function (text) {
+      document.getElementById("live").innerHTML = text;
+      document.getElementById("stale").hidden = true;
+    }).catch(function () {
+      document.getElementById("stale").hidden = false;
+    });
+  }
+  setInterval(refresh, every);
+})();
+"""
+
+
+def render_html(snap: Mapping[str, Any], *, refresh_seconds: int = 10) -> str:
+    """The whole dashboard page for one snapshot (pure function of the snapshot)."""
+    e = html.escape
+    glossary = "".join(f"<dt>{e(name)}</dt><dd>{e(doc)}</dd>" for name, doc in COLUMNS.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<noscript><meta http-equiv="refresh" content="{int(refresh_seconds)}"></noscript>
+<title>locoswarm validator · {e(snap['run'])}</title>
+<style>{_STYLE}</style></head><body>
+<h1>locoswarm validator</h1>
+<p class="facts"><span>run <b>{e(snap['run'])}</b></span><span>validator <b class="mono">{e(snap['validator'])}</b></span></p>
+<p id="stale" hidden>The validator does not answer; what is shown may be out of date.</p>
+<main id="live">
+{render_live(snap)}
+</main>
+<h2>What the columns mean</h2>
+<dl id="glossary">{glossary}</dl>
 <p><a href="/api/state">/api/state</a> · <a href="/metrics">/metrics</a></p>
+<script>{_SCRIPT % int(refresh_seconds)}</script>
 </body></html>
 """
 
@@ -346,6 +430,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             body = render_html(self.server.state.snapshot(), refresh_seconds=self.server.refresh_seconds).encode()
             self._send(200, "text/html; charset=utf-8", body)
+        elif path == "/live":
+            self._send(200, "text/html; charset=utf-8", render_live(self.server.state.snapshot()).encode())
         elif path == "/api/state":
             self._send(200, "application/json", json.dumps(self.server.state.snapshot()).encode())
         elif path == "/metrics":
@@ -400,7 +486,7 @@ class Dashboard:
             self._thread.join(timeout=5.0)
         self._server.server_close()
 
-    def __enter__(self) -> Dashboard:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

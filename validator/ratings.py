@@ -175,6 +175,8 @@ class Ratings:
             teams = [[self.model.create_rating([self._get(p).mu, self._get(p).sigma], name=p)] for p in order]
             for p, (new,) in zip(order, self.model.rate(teams, ranks=ranks)):
                 self.peers[p].mu, self.peers[p].sigma = new.mu, new.sigma
+        elif order:
+            self._rate_alone(order[0], helped=order[0] in ranked)
         for p in order:
             self._get(p).rated_windows += 1
         typical = _typical(scores, reference) or 1.0
@@ -184,6 +186,16 @@ class Ratings:
             self._get(p).last_seen = window
         self.window = window
         self._age_absent(window)
+
+    def _rate_alone(self, peer: str, *, helped: bool) -> None:
+        """A peer rated alone in a window plays a stand-in for "no update" at the prior
+        rating, which never changes: a useful update beats it, a failed one loses to it. So a
+        lone peer's rating keeps moving with its evidence instead of freezing."""
+        st = self._get(peer)
+        me = self.model.create_rating([st.mu, st.sigma], name=peer)
+        stand_in = self.model.create_rating([self.model.mu, self.model.sigma], name="no update")
+        (new,), _ = self.model.rate([[me], [stand_in]], ranks=[1, 2] if helped else [2, 1])
+        st.mu, st.sigma = new.mu, new.sigma
 
     def _age_absent(self, window: int) -> None:
         p = self.params
@@ -224,10 +236,25 @@ class Ratings:
         """Include iff checks passed, weight > threshold, the evidence average is not too low,
         and the last evaluated update helped about as much as a typical one (a provisional
         weight alone must not let a harmful or useless newcomer in)."""
+        return not self.why_excluded(peer, checks_passed)
+
+    def why_excluded(self, peer: str, checks_passed: bool) -> str:
+        """Why ``included`` says no, for a person ("" when it says yes)."""
+        p = self.params
         st = self.peers.get(peer)
-        evidence_ok = self._evidence_ok(peer)
-        helped = st is None or st.last_score is None or st.last_score >= self.params.min_relative_score
-        return checks_passed and evidence_ok and helped and self.weight(peer) > self.params.threshold
+        if not checks_passed:
+            return "its payload failed a check"
+        if not self._evidence_ok(peer):
+            assert st is not None and st.evidence_ema is not None
+            if st.evidence_ema < p.min_evidence:
+                return f"evidence average {st.evidence_ema:.3g} is below {p.min_evidence:g}"
+            return (f"evidence average is {st.relative_evidence:.0%} of the typical peer's "
+                    f"(needs {p.min_relative_evidence:.0%})")
+        if st is not None and st.last_score is not None and st.last_score < p.min_relative_score:
+            return f"last score was {st.last_score:.0%} of the window's median (needs {p.min_relative_score:.0%})"
+        if self.weight(peer) <= p.threshold:
+            return f"weight {self.weight(peer):.3f} is not above {p.threshold:g}"
+        return ""
 
     def score_table(
         self, checks_passed: Mapping[str, bool], components: Mapping[str, Mapping[str, float]]

@@ -86,7 +86,10 @@ class Validator:
         self.exchange = Exchange(store, identity, self.run_key, self.acct, addresses=address_policy(manifest))
         ratings_path = cfg.workdir / "ratings.json"
         self.ratings = Ratings.load(ratings_path) if ratings_path.exists() else Ratings()
-        self.dashboard = dashboard or DashboardState(self.run_key, identity.peer_id)
+        key = identity.public_key.hex()
+        self.dashboard = dashboard or DashboardState(
+            self.run_key, identity.peer_id, trusted=key in {k.lower() for k in manifest.validators.keys},
+            closer=key in manifest.closers, accounting=self.acct)
         self.follower = Follower(manifest, store, self.exchange, self._restore(), self.layouts)
         if self.follower.replica.window == 0 and self.follower.jump_to_checkpoint():
             log.info("validator starting from the verified checkpoint of window %d", self.replica.window)
@@ -172,16 +175,24 @@ class Validator:
         self.ratings.update(w, scores, evidence=evidence, failed=failed, present=present,
                             reference=decision.value.standing)
         table = self.ratings.score_table({p: v.ok for p, v in verdicts.items()}, components)
-        self.store.put(score_key(w, self.identity.peer_id), make_score_record(self.identity, self.run_key, w, table))
+        record = make_score_record(self.identity, self.run_key, w, table)
+        self.store.put(score_key(w, self.identity.peer_id), record)
+        self.acct.bytes_up += len(record)
         self.ratings.save(self.cfg.workdir / "ratings.json")
         for peer, v in verdicts.items():
             if not v.ok:
                 self.dashboard.record_rejection(peer, v.check, v.reason)
             else:
                 self.dashboard.update_peer(peer, reason="")
-            self.dashboard.update_peer(peer, in_sync=v.check != "out_of_sync", payload_bytes=sizes.get(peer, 0),
-                                       last_window=w)
+            # In sync: the payload's base digest is ours (the decoder checked it); unknown
+            # when the decoder refused it before it got that far.
+            base = payloads[peer].header.base_digest.hex()[:12] if peer in payloads else None
+            in_sync = True if base else (False if v.check == "out_of_sync" else None)
+            self.dashboard.update_peer(peer, in_sync=in_sync, base_digest=base, payload_bytes=sizes.get(peer, 0),
+                                       last_window=w, excluded_because=self.ratings.why_excluded(peer, v.ok))
         self.dashboard.record_scores(table)
+        self.dashboard.record_ratings({p: (st.mu, st.sigma, self.ratings.weight(p))
+                                       for p, st in self.ratings.peers.items() if p not in table})
         log.info("window %d: scored %d peers; included %s", w, len(table),
                  sorted(p for p, s in table.items() if s.included))
         return verdicts
@@ -246,10 +257,8 @@ def run_validator(manifest: Manifest, store: Store, args: argparse.Namespace, id
     if identity.public_key.hex() not in {k.lower() for k in manifest.validators.keys}:
         log.warning("this validator's key %s is not trusted by the run's manifest: peers will ignore its scores",
                     identity.public_key.hex())
-    state = DashboardState(manifest.run_key, identity.peer_id)
-    with Dashboard(state, host=args.dashboard_host, port=args.dashboard_port) as dash:
-        log.info("dashboard at %s", dash.url)
+    validator = Validator(manifest, store, ValidatorConfig(workdir, max_windows=args.windows), identity=identity)
+    with Dashboard(validator.dashboard, host=args.dashboard_host, port=args.dashboard_port) as dash:
         (workdir / "dashboard.url").write_text(dash.url)
-        Validator(manifest, store, ValidatorConfig(workdir, max_windows=args.windows), identity=identity,
-                  dashboard=state).run()
+        validator.run()
     return 0
