@@ -63,6 +63,17 @@ class StoreSettings:
             raise StoreError(f"store URI {self.uri!r}: parse query parameters with StoreSettings.parse")
         if self.addressing_style not in ("auto", "path", "virtual"):
             raise StoreError(f"addressing style must be auto, path or virtual, got {self.addressing_style!r}")
+        # What a run operator hands out must never carry a secret: refuse the URL forms that can.
+        if scheme in ("s3", "p2p") and "@" in rest.partition("/")[0]:
+            raise StoreError(f"store URI {self.uri!r} looks like it carries credentials (user@); credentials "
+                             "never go in a URI: S3 reads them from the AWS environment variables or --profile")
+        if self.endpoint_url:
+            endpoint = urllib.parse.urlsplit(self.endpoint_url)
+            if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
+                raise StoreError(f"endpoint {self.endpoint_url!r} must be an http:// or https:// URL")
+            if endpoint.username or endpoint.password or endpoint.query:
+                raise StoreError(f"endpoint {endpoint.hostname!r} carries credentials or a query; credentials "
+                                 "never go in a URL: S3 reads them from the AWS environment variables or --profile")
 
     @property
     def scheme(self) -> str:
@@ -89,7 +100,7 @@ class StoreSettings:
         query = {k: getattr(self, v) for k, v in _QUERY_KEYS.items() if getattr(self, v) != getattr(defaults, v)}
         if "peers" in query:
             query["peers"] = ",".join(query["peers"])  # type: ignore[arg-type]
-        return self.uri + ("?" + urllib.parse.urlencode(query) if query else "")
+        return self.uri + ("?" + urllib.parse.urlencode(query, safe=":/,") if query else "")
 
     def with_policy(self, policy: RetryPolicy) -> StoreSettings:
         return replace(self, policy=policy)
