@@ -4,6 +4,7 @@
 - ``convergence.py``  SparseLoCo vs DiLoCo vs DDP (+LoCo) vs training alone, at equal tokens
 - ``wan.py``          peers in network namespaces behind tc-limited links (needs root)
 - ``netns.py``        the namespaces, veth pairs and tbf links ``wan.py`` runs in
+- ``join.py``         ``locoswarm join``'s memory and disk estimates vs a real joiner's peak
 - ``reference.py``    the reference SparseLoCo wire format the codec bench compares against
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int``; ``main``
@@ -19,6 +20,7 @@ BENCHES = {
     "codec": "payload size, error and speed vs the reference format",
     "convergence": "SparseLoCo vs DiLoCo vs DDP (+LoCo) vs single at equal tokens",
     "wan": "peers in network namespaces behind tc-limited links (root)",
+    "join": "join's memory and disk estimates vs the peak of a real joining peer",
 }
 
 

@@ -272,10 +272,15 @@ class Peer:
             log.warning("window %d: checkpoint or garbage collection skipped: %s", decision.window, exc)
 
     # ------------------------------------------------------------------ catching up, running
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop between windows (``NodeConfig.stop``; single-process peers only)."""
+        return self.world == 1 and self.node.stop is not None and self.node.stop.is_set()
+
     def catch_up(self) -> int:
         """Apply every window that is already decided; returns how many were replayed."""
         n, jumps = 0, self.follower.jumps
-        while (decision := self.follower.next_decided()) is not None:
+        while not self.stopping and (decision := self.follower.next_decided()) is not None:
             self.progress("catch-up", decision.window)
             self.follower.advance(decision, self.wait_for_payloads(decision))
             n += 1
@@ -320,6 +325,8 @@ class Peer:
                 self.catch_up()  # fell behind (slow or suspended): skip straight to the open window
                 if self.node.max_windows and self.replica.window >= self.node.max_windows:
                     break
+            if self.stopping:
+                break
             self.run_window()
         self.progress("finished", self.replica.window)
 

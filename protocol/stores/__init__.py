@@ -7,9 +7,10 @@
 - ``p2p.py``    ``p2p://`` hivemind DHT records + libp2p streams, no bucket
 
 ``StoreSettings`` says how *this machine* reaches a run's store. It is local, never part
-of the hashed manifest: copying a run to another bucket changes no run identity. A store
-URI may carry the non-secret settings a joiner needs as query parameters, so one string
-is all a run operator hands out::
+of the hashed manifest: copying a run to another bucket changes no run identity (the
+manifest's ``run.store`` only names where joiners look first; these settings win over it).
+A store URI may carry the non-secret settings a joiner needs as query parameters, so one
+string is all a run operator hands out::
 
     s3://bucket/prefix?endpoint=https://acct.r2.cloudflarestorage.com&region=auto&addressing=path
     p2p://run-name?peers=/ip4/203.0.113.5/tcp/31337/p2p/Qm...,/ip4/...
