@@ -79,6 +79,8 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
             if args.out_manifest:
                 _write_atomically(Path(args.out_manifest), final.to_toml())
             print(f"run {final.run_key} ready in {settings.to_uri()}", flush=True)
+            print(f"join it with: locoswarm join '{final.run.store or settings.to_uri()}' (or the URL where you "
+                  "publish the manifest)", flush=True)
             if args.serve:
                 _serve(store, args.addrs_file)
         finally:

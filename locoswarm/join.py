@@ -330,5 +330,5 @@ def _saved(state_file: Path) -> str:
 
 def _log_to(console: Console, verbose: bool) -> None:
     """Log lines print above the bars; below WARNING only with -v (the display says the rest)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, force=True,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, force=True, format="%(name)s: %(message)s",
                         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)])

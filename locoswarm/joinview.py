@@ -145,24 +145,33 @@ class JoinView:
                 self.progress.stop()  # training: from here on, one line per window
                 self._live = False
             last = info.get("last") or {}
-            if self._last_window is None and (info.get("origin") or {}).get("from") == "state":
-                # Resumed: the last entry is from before the restart; say where we are instead.
-                self._last_window = last.get("window", -1)
-                self.console.print(f"resumed   from the saved state at window {info['origin']['window']}",
-                                   highlight=False)
+            if self._last_window is None:  # the first snapshot: where the weights came from
+                origin = info.get("origin") or {}
+                self.console.print(start_line(origin), highlight=False)
+                # A resumed peer's last entry is from before the restart: not news.
+                self._last_window = last.get("window", -1) if origin.get("from") == "state" else -2
             if "window" in last and last["window"] != self._last_window and phase != "catch-up":
                 self._last_window = last["window"]
-                self.console.print(window_line(last, info.get("origin") or {}), highlight=False)
+                self.console.print(window_line(last), highlight=False)
 
 
-def window_line(last: dict[str, Any], origin: dict[str, Any]) -> str:
+def start_line(origin: dict[str, Any]) -> str:
+    """Where the peer's weights came from: its saved state, a checkpoint, or genesis."""
+    window = origin.get("window", 0)
+    if origin.get("from") == "state":
+        return f"resumed   from the saved state at window {window}"
+    if origin.get("from") == "checkpoint":
+        return f"start     from the verified checkpoint of window {window}"
+    return "start     from the genesis weights (window 0)"
+
+
+def window_line(last: dict[str, Any]) -> str:
     """One line per applied window: losses, peers counted, bytes, digest."""
-    if last["window"] == origin.get("window", 0) - 1 and "train_loss" not in last and "replayed" not in last:
-        where = {"checkpoint": f"the verified checkpoint of window {origin.get('window')}",
-                 "genesis": "the genesis weights"}.get(origin.get("from", ""), "its weights")
-        return f"start     from {where}: held-out loss {_loss(last.get('heldout_loss'))}"
+    if "train_loss" not in last and "replayed" not in last:  # the entry written before any window
+        return f"held-out  loss {_loss(last.get('heldout_loss'))} before training (window {last['window'] + 1})"
     if "replayed" in last:
-        return (f"caught up {last['replayed']} windows: at window {last['window'] + 1}, held-out loss "
+        n = last["replayed"]
+        return (f"caught up {n} window{'s' if n != 1 else ''}: at window {last['window'] + 1}, held-out loss "
                 f"{_loss(last.get('heldout_loss'))}, digest {last['digest'][:12]}")
     return (f"window {last['window']:>4}  train loss {_loss(last.get('train_loss'))}  held-out "
             f"{_loss(last.get('heldout_loss'))}  peers counted {last.get('included', '?')}  "
