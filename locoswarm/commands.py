@@ -105,10 +105,10 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
         print(json.dumps(exported))
         return 0
     if args.command == "validator":
-        from validator.service import run_validator
-
         with hold_workdir(args.workdir, "validator"):
             check_port_free(args.dashboard_host, args.dashboard_port, "--dashboard-port")
+            from validator.service import run_validator
+
             key = Path(args.key) if args.key else Path(args.workdir) / "validator.key"
             identity, _ = load_identity(key, "validator")
             manifest, store = open_run(args, settings, identity)
@@ -118,23 +118,23 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
 
 
 def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
-    import torch.distributed
-
-    device, rank = args.device, 0
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: one peer, many ranks
+    rank = int(os.environ.get("RANK", "0")) if ranks > 1 else 0
     key = Path(args.key) if args.key else Path(args.workdir) / "peer.key"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one peer, many ranks
-        from node.ddp import init_from_env
-
-        env = init_from_env()
-        device = str(env.device) if env.device.type == "cuda" else device
-        rank = env.rank
     # Rank 0 holds the workdir, creates the key and speaks to the store; the others share them.
     with hold_workdir(args.workdir, "peer") if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
             load_identity(key, "peer")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        device = args.device
+        if ranks > 1:
+            import torch.distributed
+
+            from node.ddp import init_from_env
+
+            env = init_from_env()
+            device = str(env.device) if env.device.type == "cuda" else device
+            torch.distributed.barrier()  # rank 0 has made the key
         identity = Identity.load(key)
         manifest, store = open_run(args, settings, identity)
         with store:

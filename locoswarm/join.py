@@ -5,10 +5,11 @@ In order:
 1. **Find the run.** RUN is a manifest (``https://``, ``s3://``, a path; it ends in
    ``.toml``) whose ``run.store`` says where the store is, or a store URI itself. Store
    flags (``--store``, ``--endpoint-url``, ...) win over what the manifest says.
-2. **Verify it.** The manifest must parse, trust someone to close windows, equal the
-   store's own (same digest) and, with ``--run-key``, be the run the person expects.
-3. **Identity.** ``WORKDIR/peer.key`` is loaded or made; where it is and that it must be
-   backed up is printed, with the peer id the dashboard and ``status`` show.
+2. **Hold the workdir and load the identity.** ``WORKDIR/peer.key`` is loaded or made
+   (``locoswarm.lock`` keeps a second process out of the workdir from here on).
+3. **Verify the run.** The manifest must parse, trust someone to close windows, pin its
+   data, equal the store's own (same digest) and, with ``--run-key``, be the run the person
+   expects. Then the run, the peer id and where the key is (back it up) are printed.
 4. **Check the machine** (``locoswarm.machine``): device, memory for the model, disk, and
    a timed download of one data shard against what a window moves. What is short is
    said plainly with the flag to change, and stops the join unless ``--skip-checks``.
@@ -16,10 +17,9 @@ In order:
    tokenizer and shards (cached by hash), starts from the newest verified checkpoint,
    replays every decided window since, then trains. ``locoswarm.joinview`` draws it.
 
-The workdir is held (``locoswarm.lock``) from step 3 on. Ctrl-C (or SIGTERM) once: the peer
-stops after the window it is in, with its state saved; twice: it stops at once (its state
-file is replaced atomically, so nothing breaks; the window is replayed). Running the same
-command again resumes.
+Ctrl-C (or SIGTERM) once: the peer stops after the window it is in, with its state saved;
+twice: it stops at once (its state file is replaced atomically, so nothing breaks; the
+window is replayed). Running the same command again resumes.
 """
 
 from __future__ import annotations
@@ -65,10 +65,8 @@ from protocol.retry import RetryPolicy
 from protocol.stores import SCHEMES, StoreSettings
 from protocol.stores.base import Store
 
-log = logging.getLogger(__name__)
-
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_INDEX_BYTES = 16 << 20
+"""The manifest is a page of TOML; anything larger is not one (as ``node.follow`` reads it)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +76,7 @@ class Target:
     manifest: Manifest | None
     """The manifest RUN points at; None when RUN is a store URI (the store's is used)."""
     settings: StoreSettings
+    """How this machine reaches the run's store."""
     source: str
     """Where the manifest came from, for messages."""
 
@@ -97,25 +96,24 @@ def run_join(args: argparse.Namespace) -> int:
 
 def _join(args: argparse.Namespace, view: JoinView, stopper: _Stopper) -> int:
     target = resolve(args)
-    with open_run_store(target.settings) as probe:  # the run id names the default workdir
-        manifest = read_run_manifest(probe, target.settings)
-    if target.manifest is not None:
-        check_same_run(target.manifest, manifest, target.source, target.settings)
-    verify(manifest, args.run_key)
-    workdir = Path(args.workdir).expanduser() if args.workdir else Path.home() / ".locoswarm" / manifest.run.id
+    workdir = Path(args.workdir).expanduser() if args.workdir else Path.home() / ".locoswarm" / _run_id(target)
     args.workdir = str(workdir)
-    view.say(f"run       [bold]{manifest.run_key}[/] ({manifest.model.preset} model, {manifest.inner.steps} "
-             f"inner steps, {manifest.run.window_seconds:g} s windows), store {target.settings.to_uri()}")
     with hold_workdir(workdir, "join"):
         check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
         key = Path(args.key) if args.key else workdir / "peer.key"
-        identity, created = load_identity(key, "peer")
-        view.say(f"identity  peer [bold]{identity.peer_id}[/] (public key {identity.public_key.hex()})")
-        view.say(f"          key {key.resolve()}" + (
-            " [bold yellow]new: back it up[/] (it is this peer, and its standing with the run's validators)"
-            if created else " (back it up: it is this peer)"))
+        identity, created = load_identity(key, "peer")  # a p2p store signs what it announces with it
         store = open_run_store(target.settings, identity)
         with store:
+            manifest = read_run_manifest(store, target.settings)
+            if target.manifest is not None:
+                check_same_run(target.manifest, manifest, target.source, target.settings)
+            verify(manifest, args.run_key)
+            view.say(f"run       [bold]{manifest.run_key}[/] ({manifest.model.preset} model, {manifest.inner.steps} "
+                     f"inner steps, {manifest.run.window_seconds:g} s windows), store {target.settings.to_uri()}")
+            view.say(f"identity  peer [bold]{identity.peer_id}[/] (public key {identity.public_key.hex()})")
+            view.say(f"          key {key.resolve()}" + (
+                " [bold yellow]new: back it up[/] (it is this peer, and its standing with the run's validators)"
+                if created else " (back it up: it is this peer)"))
             glance = look(store, manifest)
             device = pick_device(args.device)
             checks = machine_checks(manifest, glance, device, args.device != "auto", workdir, store, target.settings)
@@ -129,6 +127,14 @@ def _join(args: argparse.Namespace, view: JoinView, stopper: _Stopper) -> int:
 
 
 # ------------------------------------------------------------------------------ step 1: RUN
+
+def _run_id(target: Target) -> str:
+    """The run's id, for the default workdir: from the manifest given, else the store's."""
+    if target.manifest is not None:
+        return target.manifest.run.id
+    with open_run_store(target.settings) as store:
+        return read_run_manifest(store, target.settings).run.id
+
 
 def resolve(args: argparse.Namespace) -> Target:
     """The run ``args.run`` names, with the store flags applied."""
@@ -226,6 +232,8 @@ class Glance:
 
 def look(store: Store, manifest: Manifest) -> Glance:
     """The run's data index (checked against the manifest) and its newest window."""
+    from node.dataset import MAX_INDEX_BYTES
+
     raw = store.get(paths.DATA_INDEX, max_bytes=MAX_INDEX_BYTES)
     if sha256_hex(raw) != manifest.data.index_sha256:
         raise IntegrityError("the store's data index is not the one the manifest pins", key=paths.DATA_INDEX)

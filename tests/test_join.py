@@ -8,11 +8,13 @@ import argparse
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -356,3 +358,26 @@ def test_join_catches_up_from_a_checkpoint_trains_stops_on_ctrl_c_and_resumes(tm
     finally:
         PeerProcess.kill_all()
 
+
+
+@pytest.mark.slow
+def test_a_validator_logs_the_id_its_dashboard_shows(tmp_path):
+    key = peer_identity("validator")
+    key.save(tmp_path / "v" / "validator.key")
+    run = create_run(tmp_path, small_manifest(validators__keys=(key.public_key.hex(),)))
+    log = tmp_path / "validator.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*CLI, "validator", "--store", run.uri, "--workdir", str(tmp_path / "v"),
+                                 "--threads", "1"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        url = wait_for(lambda: (tmp_path / "v" / "dashboard.url").exists()
+                       and (tmp_path / "v" / "dashboard.url").read_text(), 180, "the dashboard")
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/state", timeout=10) as response:
+            shown = json.loads(response.read())["validator"]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    logged = re.search(r"validator id ([0-9a-f]{24}) \(public key ([0-9a-f]{64})\)", log.read_text())
+    assert logged, log.read_text()[-3000:]
+    assert logged.group(1) == shown == key.peer_id and logged.group(2) == key.public_key.hex()
