@@ -5,6 +5,7 @@
 - ``wan.py``          peers in network namespaces behind tc-limited links (needs root)
 - ``window.py``       one window of the real peer: seconds per phase, overhead, memory
 - ``netns.py``        the namespaces, veth pairs and tbf links ``wan.py`` runs in
+- ``join.py``         ``locoswarm join``'s memory and disk estimates vs a real joiner's peak
 - ``reference.py``    the reference SparseLoCo wire format the codec bench compares against
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int``; ``main``
@@ -21,6 +22,7 @@ BENCHES = {
     "convergence": "SparseLoCo vs DiLoCo vs DDP (+LoCo) vs single at equal tokens",
     "wan": "peers in network namespaces behind tc-limited links (root)",
     "window": "one window of the real peer: seconds per phase, overhead over training, memory",
+    "join": "join's memory and disk estimates vs the peak of a real joining peer",
 }
 
 

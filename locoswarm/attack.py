@@ -35,7 +35,8 @@ import torch
 
 from node.accounting import Accounting
 from node.checkpoint import meta_key, weights_key
-from node.follow import DecisionReader, read_manifest
+from node.follow import DecisionReader
+from node.runinfo import read_manifest
 from protocol import paths
 from protocol.aggregate import aggregate
 from protocol.announce import make_announcement

@@ -38,7 +38,8 @@ def _common() -> argparse.ArgumentParser:
 
 def _add_store_args(p: argparse.ArgumentParser, *, required: bool = True, manifest: bool = True) -> None:
     g = p.add_argument_group("store (how this machine reaches the run; nothing here is secret)")
-    g.add_argument("--store", required=required, help=STORE_HELP)
+    g.add_argument("--store", required=required,
+                   help=STORE_HELP if required else "the run's store, instead of the manifest's run.store")
     if manifest:
         g.add_argument("--manifest", help="run manifest TOML; must equal the store's (default: the store's own)")
     g.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (R2, MinIO, a local server)")
@@ -51,6 +52,28 @@ def _add_store_args(p: argparse.ArgumentParser, *, required: bool = True, manife
                    help=f"seconds one store request may wait (default {RetryPolicy.request_timeout:g})")
     g.add_argument("--retries", type=int, default=RetryPolicy.attempts,
                    help=f"tries of a store request after a timeout or outage (default {RetryPolicy.attempts})")
+
+
+def _add_peer_args(p: argparse.ArgumentParser, *, device_default: str) -> None:
+    """How this machine trains as a peer (``peer`` and ``join``)."""
+    g = p.add_argument_group("this peer")
+    g.add_argument("--key", default=None, help="ed25519 key file of this peer (default WORKDIR/peer.key)")
+    g.add_argument("--device", default=device_default,
+                   help=f"where to train: cpu, cuda or cuda:N{', or auto (a GPU if there is one)' if device_default == 'auto' else ''} "
+                        f"(default {device_default})")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
+    g.add_argument("--windows", type=int, default=0, help="stop after this window (default 0: run forever)")
+    g.add_argument("--eval-every", type=int, default=5,
+                   help="held-out evaluation every N windows (default 5; 0 = never): it costs as much as a few "
+                        "inner steps and is not needed to train")
+    g.add_argument("--micro-batch", type=int, default=0,
+                   help="sequences per forward/backward (default 0: the memory plan's choice; the whole batch on CPU)")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
+    g.add_argument("--publish-store", default=None,
+                   help="s3://bucket/prefix only this peer writes to; others read it through presigned URLs")
+    g.add_argument("--publish-endpoint-url", default=None, help="endpoint of --publish-store (default --endpoint-url)")
+    g.add_argument("--comm", choices=COMM_CHOICES, default=None,
+                   help="under torchrun: fp32 all-reduce or LoCo 4-bit between ranks (default: the manifest's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,24 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep serving the store's objects until stopped (a p2p run's seed)")
     p.add_argument("--addrs-file", help="with --serve: write the multiaddrs peers bootstrap from here (JSON)")
 
+    p = command("join", "join a run from its manifest URL or store URI: verify it, check this machine, "
+                        "download, catch up and train (Ctrl-C stops after the window; run again to resume)")
+    p.add_argument("run", metavar="RUN",
+                   help="the run's manifest (https://.../manifest.toml, s3://bucket/.../manifest.toml or a path) "
+                        "or its store URI (s3://bucket/prefix?endpoint=..., file:///dir, p2p://run?peers=...)")
+    p.add_argument("--workdir", default=None,
+                   help="this peer's directory: key, resumable state, data cache (default ~/.locoswarm/RUN_ID)")
+    p.add_argument("--run-key", default=None, metavar="ID@HASH",
+                   help="refuse the run unless it is this one (the run key or digest its operator published)")
+    p.add_argument("--skip-checks", action="store_true",
+                   help="start even when this machine looks short of memory, disk or a GPU for the run's model")
+    _add_peer_args(p, device_default="auto")
+    _add_store_args(p, required=False, manifest=False)
+
     p = command("peer", "run one peer of a run")
     _add_store_args(p)
     p.add_argument("--workdir", required=True, help="this peer's directory: key, resumable state, data cache")
-    p.add_argument("--key", default=None, help="ed25519 key file of this peer (default WORKDIR/peer.key)")
-    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
-    p.add_argument("--windows", type=int, default=0, help="stop after this window (default 0: run forever)")
-    p.add_argument("--eval-every", type=int, default=5,
-                   help="held-out evaluation every N windows (default 5; 0 = never): it costs as much as a few "
-                        "inner steps and is not needed to train")
-    p.add_argument("--micro-batch", type=int, default=0,
-                   help="sequences per forward/backward (default 0: the memory plan's choice; the whole batch on CPU)")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics on 127.0.0.1:PORT (0 = any)")
-    p.add_argument("--publish-store", default=None,
-                   help="s3://bucket/prefix only this peer writes to; others read it through presigned URLs")
-    p.add_argument("--publish-endpoint-url", default=None, help="endpoint of --publish-store (default --endpoint-url)")
-    p.add_argument("--comm", choices=COMM_CHOICES, default=None,
-                   help="under torchrun: fp32 all-reduce or LoCo 4-bit between ranks (default: the manifest's)")
+    _add_peer_args(p, device_default="cpu")
 
     p = command("keygen", "make an ed25519 identity for a peer or a validator and print its public key")
     p.add_argument("--out", required=True, action="append",
@@ -219,6 +242,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from locoswarm.health import run as health
 
         return health(args.workdir, args.max_age)
+    if args.command == "join":
+        from locoswarm.join import run_join
+
+        return run_join(args)
     if args.command == "bench":
         from bench import main as bench_main
 

@@ -1,8 +1,10 @@
-"""The CLI verbs that act on one run: init, peer, status, export, validator."""
+"""The CLI verbs that act on one run: init, peer, status, export, validator (``join`` is
+``locoswarm.join``, which runs a peer through ``serve_peer`` here)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,14 +12,24 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from protocol.errors import ManifestError
+from locoswarm.lock import hold_workdir
+from locoswarm.machine import check_port_free
+from locoswarm.reach import check_same_run, read_run_manifest, store_hint
+from protocol.errors import ManifestError, StoreError
 from protocol.identity import Identity
 from protocol.manifest import Manifest
 from protocol.stores import StoreSettings, open_store
 from protocol.stores.base import Store
+
+if TYPE_CHECKING:
+    from node.config import NodeConfig
+    from node.peer import Peer
+    from protocol.stores.s3 import S3Store
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +40,48 @@ def open_run(args: argparse.Namespace, settings: StoreSettings,
 
     ``identity`` signs what a p2p store announces on our behalf (other stores ignore it).
     """
-    from node.runinfo import check_run_manifest, read_manifest
+    store = open_run_store(settings, identity)
+    try:
+        manifest = read_run_manifest(store, settings)
+        if args.manifest:
+            check_same_run(Manifest.load(args.manifest), manifest, args.manifest, settings)
+    except BaseException:
+        store.close()
+        raise
+    return manifest, store
 
-    store = open_store(settings, identity=identity)
-    if args.manifest:
-        return check_run_manifest(store, Manifest.load(args.manifest)), store
-    return read_manifest(store), store
+
+def open_run_store(settings: StoreSettings, identity: Identity | None = None) -> Store:
+    """``open_store``, whose errors name the flag to change."""
+    try:
+        return open_store(settings, identity=identity)
+    except StoreError as exc:
+        raise type(exc)(f"{exc}\n  fix: {store_hint(exc, settings)}") from exc
+
+
+def load_identity(path: Path, role: str) -> tuple[Identity, bool]:
+    """This machine's key for ``role`` at ``path`` (made when missing); logs the id that
+    every record, the dashboard and the status table show. Returns (identity, created)."""
+    created = not path.exists()
+    identity = Identity.load_or_create(path)
+    log.info("%s id %s (public key %s), key %s%s", role, identity.peer_id, identity.public_key.hex(),
+             path.resolve(), " (new: back it up)" if created else "")
+    return identity, created
 
 
 def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
     if args.command == "init":
         from node.genesis import init_run
 
-        manifest = _init_manifest(args)
-        store = open_store(settings)
+        manifest = _init_manifest(args, settings)
+        store = open_run_store(settings)
         try:
             final = init_run(manifest, store)
             if args.out_manifest:
                 _write_atomically(Path(args.out_manifest), final.to_toml())
             print(f"run {final.run_key} ready in {settings.to_uri()}", flush=True)
+            print(f"join it with: locoswarm join '{final.run.store or settings.to_uri()}' (or the URL where you "
+                  "publish the manifest)", flush=True)
             if args.serve:
                 _serve(store, args.addrs_file)
         finally:
@@ -82,12 +117,15 @@ def run_command(args: argparse.Namespace, settings: StoreSettings) -> int:
         print(json.dumps(exported))
         return 0
     if args.command == "validator":
-        from validator.service import run_validator
+        with hold_workdir(args.workdir, "validator"):
+            check_port_free(args.dashboard_host, args.dashboard_port, "--dashboard-port")
+            from validator.service import run_validator
 
-        identity = Identity.load_or_create(Path(args.key) if args.key else Path(args.workdir) / "validator.key")
-        manifest, store = open_run(args, settings, identity)
-        with store:
-            return run_validator(manifest, store, args, identity)
+            key = Path(args.key) if args.key else Path(args.workdir) / "validator.key"
+            identity, _ = load_identity(key, "validator")
+            manifest, store = open_run(args, settings, identity)
+            with store:
+                return run_validator(manifest, store, args, identity)
     raise SystemExit(f"unknown command {args.command}")
 
 
@@ -105,24 +143,36 @@ def _run_peer(args: argparse.Namespace, settings: StoreSettings) -> int:
 
 
 def _peer(args: argparse.Namespace, settings: StoreSettings) -> int:
-    import torch.distributed
-
-    from node.config import NodeConfig
-    from node.peer import Peer
-
-    device = args.device
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: one peer, many ranks
+    rank = int(os.environ.get("RANK", "0")) if ranks > 1 else 0
     key = Path(args.key) if args.key else Path(args.workdir) / "peer.key"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one peer, many ranks
-        from node.ddp import init_from_env
+    # Rank 0 holds the workdir, creates the key and speaks to the store; the others share them.
+    with hold_workdir(args.workdir, "peer") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
+            load_identity(key, "peer")
+        device = args.device
+        if ranks > 1:
+            import torch.distributed
 
-        env = init_from_env()
-        device = str(env.device) if env.device.type == "cuda" else device
-        if env.rank == 0:
-            Identity.load_or_create(key)
-        torch.distributed.barrier()  # rank 0 creates the key; the others only read it
-    identity = Identity.load_or_create(key)
-    manifest, store = open_run(args, settings, identity)
-    node = NodeConfig(
+            from node.ddp import init_from_env
+
+            env = init_from_env()
+            device = str(env.device) if env.device.type == "cuda" else device
+            torch.distributed.barrier()  # rank 0 has made the key
+        identity = Identity.load(key)
+        manifest, store = open_run(args, settings, identity)
+        with store:
+            serve_peer(manifest, store, peer_node(args, device, settings), settings,
+                       own_store=open_publish_store(args, settings))
+    return 0
+
+
+def peer_node(args: argparse.Namespace, device: str, settings: StoreSettings, **extra: object) -> NodeConfig:
+    """The node-local settings the peer flags describe (``peer`` and ``join`` share them)."""
+    from node.config import NodeConfig
+
+    return NodeConfig(
         workdir=Path(args.workdir),
         key_path=Path(args.key) if args.key else None,
         device=device,
@@ -133,28 +183,47 @@ def _peer(args: argparse.Namespace, settings: StoreSettings) -> int:
         metrics_port=args.metrics_port,
         comm=args.comm,
         policy=settings.policy,
+        **extra,  # type: ignore[arg-type]
     )
-    own = None
-    if args.publish_store:
-        own_settings = StoreSettings.parse(args.publish_store, policy=settings.policy,
-                                           endpoint_url=args.publish_endpoint_url or settings.endpoint_url,
-                                           region=settings.region, addressing_style=settings.addressing_style,
-                                           profile=settings.profile)
-        if own_settings.scheme != "s3":
-            raise ManifestError("--publish-store must be an s3:// URI (presigned URLs need S3)")
-        own = open_store(replace(own_settings, create_bucket=False))
-    with store:
-        try:
-            Peer(manifest, store, node, own_store=own).run()  # type: ignore[arg-type]
-        finally:
-            if torch.distributed.is_initialized():  # leave the group before exit, not in a destructor
-                torch.distributed.destroy_process_group()
-        if settings.scheme == "p2p":
-            # Our last payload and close record live only in this process: keep serving
-            # them while slower peers finish the window.
-            log.info("serving our objects for %.0fs more", manifest.run.window_seconds)
-            time.sleep(manifest.run.window_seconds)
-    return 0
+
+
+def open_publish_store(args: argparse.Namespace, settings: StoreSettings) -> S3Store | None:
+    """The peer's own bucket (``--publish-store``), or None."""
+    if not args.publish_store:
+        return None
+    own_settings = StoreSettings.parse(args.publish_store, policy=settings.policy,
+                                       endpoint_url=args.publish_endpoint_url or settings.endpoint_url,
+                                       region=settings.region, addressing_style=settings.addressing_style,
+                                       profile=settings.profile)
+    if own_settings.scheme != "s3":
+        raise ManifestError("--publish-store must be an s3:// URI (presigned URLs need S3)")
+    return open_run_store(replace(own_settings, create_bucket=False))  # type: ignore[return-value]
+
+
+def serve_peer(manifest: Manifest, store: Store, node: NodeConfig, settings: StoreSettings, *,
+               own_store: S3Store | None = None, started: Callable[[Peer], None] | None = None) -> Peer:
+    """Run one peer until ``node`` says stop: the one code path of ``peer`` and ``join``.
+
+    ``started`` is called once the peer holds the run's data, before it catches up.
+    """
+    import torch.distributed
+
+    from node.peer import Peer
+
+    try:
+        peer = Peer(manifest, store, node, own_store=own_store)
+        if started is not None:
+            started(peer)
+        peer.run()
+    finally:
+        if torch.distributed.is_initialized():  # leave the group before exit, not in a destructor
+            torch.distributed.destroy_process_group()
+    if settings.scheme == "p2p":
+        # Our last payload and close record live only in this process: keep serving
+        # them while slower peers finish the window.
+        log.info("serving our objects for %.0fs more", manifest.run.window_seconds)
+        time.sleep(manifest.run.window_seconds)
+    return peer
 
 
 def _tell_export(exported: dict) -> None:
@@ -173,10 +242,13 @@ def _tell_export(exported: dict) -> None:
         print(f"sample: {exported['sample_text']!r}", file=sys.stderr)
 
 
-def _init_manifest(args: argparse.Namespace) -> Manifest:
-    """The manifest ``init`` writes: the file given (or the defaults) with the flags applied."""
+def _init_manifest(args: argparse.Namespace, settings: StoreSettings) -> Manifest:
+    """The manifest ``init`` writes: the file given (or the defaults) with the flags applied,
+    and where joiners reach the store (``run.store``) unless the file says so."""
     manifest = Manifest.load(args.manifest) if args.manifest else Manifest()
     updates: dict = {}
+    if not manifest.run.store:
+        updates["run__store"] = _public_uri(settings)
     if args.name:
         updates["run__id"] = args.name
     if args.genesis:
@@ -186,6 +258,13 @@ def _init_manifest(args: argparse.Namespace) -> Manifest:
     if args.validator_key:
         updates["validators__keys"] = tuple(_public_key(k) for k in args.validator_key)
     return manifest.replace(**updates) if updates else manifest
+
+
+def _public_uri(settings: StoreSettings) -> str:
+    """The store URI with its non-secret settings, a file store's path made absolute."""
+    if settings.scheme == "file":
+        settings = replace(settings, uri="file://" + os.path.abspath(settings.uri.removeprefix("file://")))
+    return replace(settings, create_bucket=False).to_uri()
 
 
 def _public_key(value: str) -> str:

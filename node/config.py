@@ -7,6 +7,7 @@ machine reaches the store lives in ``protocol.stores.StoreSettings``; timeouts a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class NodeConfig:
     """Serve Prometheus metrics on 127.0.0.1 at this port (0 = any free port); None = off."""
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     """Timeouts and retries of this node's network operations."""
+    stop: threading.Event | None = field(default=None, compare=False)
+    """Set from another thread (``locoswarm join`` on Ctrl-C) to stop between windows: the
+    peer finishes the window it is in, saves its state and returns. None = run until done."""
 
     def __post_init__(self) -> None:
         if self.comm is not None:

@@ -3,7 +3,7 @@
 
 Every role needs the same facts and must read them the same way, or replicas drift:
 
-- the run's manifest (``read_manifest``; ``check_run_manifest`` refuses a different one);
+- the run's manifest (``node/runinfo.py``: ``read_manifest``; ``check_run_manifest`` refuses a different one);
 - each window's decision (``DecisionReader``): a decision record, or a quorum of precommits
   among its consensus records, signed by the keys the manifest trusts and nobody else;
 - the schedule (``Follower.deadline`` and ``Follower.expected``): window 0 closes at most
@@ -53,7 +53,6 @@ from protocol.consensus import (
 )
 from protocol.errors import (
     CheckpointError,
-    ManifestError,
     ObjectNotFound,
     ObjectTooLarge,
     RecordRejected,
@@ -73,34 +72,6 @@ ADAPT_WINDOWS = 5
 """Windows whose lengths set the adaptive deadline (at least 3 must be known)."""
 """A window closes early once every peer counted in the last this many windows published."""
 _CAPS = {PROPOSAL: MAX_PROPOSAL_BYTES, "prevote": MAX_VOTE_BYTES, "precommit": MAX_VOTE_BYTES}
-
-
-def find_manifest(store: Store) -> Manifest | None:
-    """The manifest of the run in ``store``; None when the store holds no run."""
-    try:
-        data = store.get(paths.MANIFEST, max_bytes=MAX_MANIFEST_BYTES)
-    except ObjectNotFound:
-        return None
-    return Manifest.from_bytes(data)
-
-
-def read_manifest(store: Store) -> Manifest:
-    """The manifest of the run in ``store``; ``ManifestError`` when there is none."""
-    manifest = find_manifest(store)
-    if manifest is None:
-        raise ManifestError(f"no run in {store.uri}: create one with `locoswarm init`")
-    return manifest
-
-
-def check_run_manifest(store: Store, manifest: Manifest) -> Manifest:
-    """The store's manifest, which must be ``manifest``: refuse to mix two runs."""
-    theirs = read_manifest(store)
-    if theirs.digest != manifest.digest:
-        raise ManifestError(
-            f"this manifest ({manifest.run_key}) differs from the run's in {store.uri} "
-            f"({theirs.run_key}); refusing to mix"
-        )
-    return theirs
 
 
 class Once:

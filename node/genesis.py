@@ -6,7 +6,7 @@ import logging
 import time
 
 from node.dataset import TokenData, prepare
-from node.follow import find_manifest
+from node.runinfo import find_manifest
 from protocol import paths
 from protocol.errors import ManifestError
 from protocol.manifest import Manifest

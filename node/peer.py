@@ -28,7 +28,7 @@ from node.config import NodeConfig
 from node.dataset import TokenData
 from node.ddp import wrap_ddp
 from node.exchange import Exchange, Gathered, address_policy
-from node.follow import Follower, check_run_manifest
+from node.follow import Follower
 from node.inner import InnerLoop, InnerResult
 from node.memory import ModelShape, plan_memory
 from node.metrics import SwarmMetrics, start_metrics_server
@@ -36,6 +36,7 @@ from node.model import build_model, heldout_loss, param_shapes
 from node.overlap import Background
 from node.progress import History, write_progress
 from node.replica import Replica
+from node.runinfo import check_run_manifest
 from node.state import (
     BackgroundWriter,
     LocalState,
@@ -384,10 +385,15 @@ class Peer:
             log.warning("window %d: checkpoint or garbage collection skipped: %s", window - 1, exc)
 
     # ------------------------------------------------------------------ catching up, running
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop between windows (``NodeConfig.stop``; single-process peers only)."""
+        return self.world == 1 and self.node.stop is not None and self.node.stop.is_set()
+
     def catch_up(self) -> int:
         """Apply every window that is already decided; returns how many were replayed."""
         n, jumps = 0, self.follower.jumps
-        while (decision := self.follower.next_decided()) is not None:
+        while not self.stopping and (decision := self.follower.next_decided()) is not None:
             self.progress("catch-up", decision.window)
             self.follower.advance(decision, self.wait_for_payloads(decision))
             n += 1
@@ -435,6 +441,8 @@ class Peer:
                 self.catch_up()  # fell behind (slow or suspended): skip straight to the open window
                 if self.node.max_windows and self.replica.window >= self.node.max_windows:
                     break
+            if self.stopping:
+                break
             self.run_window()
         self.drain()
         self.progress("finished", self.replica.window)

@@ -24,7 +24,11 @@
     │   ├── StoreUnavailable     connection refused, server error, DHT    }
     │   └── IntegrityError       downloaded bytes do not match the announced hash or size
     ├── CheckpointError          a checkpoint is missing, corrupt, or from another run
-    └── ReplicaDiverged          our global weights are not the ones the network agreed on
+    ├── ReplicaDiverged          our global weights are not the ones the network agreed on
+    └── MachineError             this machine cannot do what was asked (names the flag to change)
+        ├── WorkdirInUse         another process holds the workdir's lock
+        ├── PortInUse            a port to serve on is taken
+        └── NotEnoughResources   too little memory or disk, or no GPU, for the run's model
 
 Only ``RETRYABLE`` errors are worth another attempt: a timeout or an outage may pass; an
 object over its cap, a refused credential or a missing bucket will not, and retrying them
@@ -159,6 +163,22 @@ class ReplicaDiverged(LocoError):
 
     Raised when a window's agreed base digest is not ours: applying it would fork the run.
     """
+
+
+class MachineError(LocoError):
+    """This machine cannot do what was asked; the message names the flag to change."""
+
+
+class WorkdirInUse(MachineError):
+    """Another process (peer, validator, join) is using the same workdir."""
+
+
+class PortInUse(MachineError):
+    """A port this process must listen on is already taken."""
+
+
+class NotEnoughResources(MachineError):
+    """Memory, disk or a GPU the run's model needs is missing on this machine."""
 
 
 RETRYABLE: tuple[type[StoreError], ...] = (StoreTimeout, StoreUnavailable)

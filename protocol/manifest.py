@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import ManifestError
+from protocol.errors import ManifestError, StoreError
 
 COMM_CHOICES = ("none", "loco")
 """Gradient communication between the ranks of one multi-GPU peer."""
@@ -88,6 +88,13 @@ class RunConfig:
     """Let announced URLs point to loopback, private or link-local addresses. Only for local
     networks and tests: on the internet it lets a peer make every reader fetch from the
     reader's own network (cloud metadata services included). Default false."""
+    store: str = ""
+    """Where joiners reach the run's store: a store URI with the non-secret settings a machine
+    needs, e.g. ``s3://bucket/prefix?endpoint=https://ACCOUNT.r2.cloudflarestorage.com&region=auto``
+    or ``p2p://run?peers=/ip4/203.0.113.5/tcp/31337/p2p/Qm...``; never a credential (refused).
+    ``locoswarm init`` writes the URI it creates the run in unless this is set; store flags of
+    ``join`` and ``peer`` win over it. Left out of the run's identity while empty, so
+    manifests written before this field existed keep their hash. Default ""."""
     quorum: int = 0
     """Signatures of closers a window's decision needs (the closers are the validators, or
     the listed peers of a private run). 0 = automatic: more than two thirds of the
@@ -109,6 +116,15 @@ class RunConfig:
         check_keys("run.peers", self.peers)
         if self.quorum < 0:
             raise ManifestError("run.quorum must be >= 0 (0 = automatic)")
+        if self.store:
+            # Imported here: the store package pulls in cryptography, which a manifest without
+            # a store never needs.
+            from protocol.stores import StoreSettings
+
+            try:
+                StoreSettings.parse(self.store)
+            except StoreError as exc:
+                raise ManifestError(f"run.store: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -312,7 +328,11 @@ class Manifest:
     @property
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form: the run's identity."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        fields = self.to_dict()
+        for section, key in _HASHED_WHEN_SET:
+            if fields[section][key] == _field_default(section, key):
+                del fields[section][key]
+        canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 
     @property
@@ -374,6 +394,16 @@ class Manifest:
             for key, value in section.items():
                 lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+_HASHED_WHEN_SET = (("run", "store"),)
+"""Fields added after runs existed: left out of the canonical form while at their default,
+so every manifest written before them keeps its identity."""
+
+
+def _field_default(section: str, key: str) -> Any:
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Manifest)}[section]  # type: ignore[misc]
+    return {f.name: f.default for f in dataclasses.fields(section_cls)}[key]
 
 
 def _coerce(section: str, key: str, f: dataclasses.Field, value: Any) -> Any:

@@ -7,9 +7,10 @@
 - ``p2p.py``    ``p2p://`` hivemind DHT records + libp2p streams, no bucket
 
 ``StoreSettings`` says how *this machine* reaches a run's store. It is local, never part
-of the hashed manifest: copying a run to another bucket changes no run identity. A store
-URI may carry the non-secret settings a joiner needs as query parameters, so one string
-is all a run operator hands out::
+of the hashed manifest: copying a run to another bucket changes no run identity (the
+manifest's ``run.store`` only names where joiners look first; these settings win over it).
+A store URI may carry the non-secret settings a joiner needs as query parameters, so one
+string is all a run operator hands out::
 
     s3://bucket/prefix?endpoint=https://acct.r2.cloudflarestorage.com&region=auto&addressing=path
     p2p://run-name?peers=/ip4/203.0.113.5/tcp/31337/p2p/Qm...,/ip4/...
@@ -63,6 +64,17 @@ class StoreSettings:
             raise StoreError(f"store URI {self.uri!r}: parse query parameters with StoreSettings.parse")
         if self.addressing_style not in ("auto", "path", "virtual"):
             raise StoreError(f"addressing style must be auto, path or virtual, got {self.addressing_style!r}")
+        # What a run operator hands out must never carry a secret: refuse the URL forms that can.
+        if scheme in ("s3", "p2p") and "@" in rest.partition("/")[0]:
+            raise StoreError(f"store URI {self.uri!r} looks like it carries credentials (user@); credentials "
+                             "never go in a URI: S3 reads them from the AWS environment variables or --profile")
+        if self.endpoint_url:
+            endpoint = urllib.parse.urlsplit(self.endpoint_url)
+            if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
+                raise StoreError(f"endpoint {self.endpoint_url!r} must be an http:// or https:// URL")
+            if endpoint.username or endpoint.password or endpoint.query:
+                raise StoreError(f"endpoint {endpoint.hostname!r} carries credentials or a query; credentials "
+                                 "never go in a URL: S3 reads them from the AWS environment variables or --profile")
 
     @property
     def scheme(self) -> str:
@@ -89,7 +101,7 @@ class StoreSettings:
         query = {k: getattr(self, v) for k, v in _QUERY_KEYS.items() if getattr(self, v) != getattr(defaults, v)}
         if "peers" in query:
             query["peers"] = ",".join(query["peers"])  # type: ignore[arg-type]
-        return self.uri + ("?" + urllib.parse.urlencode(query) if query else "")
+        return self.uri + ("?" + urllib.parse.urlencode(query, safe=":/,") if query else "")
 
     def with_policy(self, policy: RetryPolicy) -> StoreSettings:
         return replace(self, policy=policy)
