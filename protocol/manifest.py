@@ -396,7 +396,8 @@ class Manifest:
         return "\n".join(lines) + "\n"
 
 
-_HASHED_WHEN_SET = (("run", "store"),)
+_HASHED_WHEN_SET = (("run", "store"), ("run", "deadline_factor"), ("run", "min_window_seconds"),
+                    ("inner", "overlap"))
 """Fields added after runs existed: left out of the canonical form while at their default,
 so every manifest written before them keeps its identity."""
 
