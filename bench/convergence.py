@@ -67,9 +67,11 @@ DILOCO_GRID = ((1.0, 0.0), (0.7, 0.9), (0.4, 0.9))
 """(outer lr, Nesterov momentum): plain averaging, the DiLoCo paper's setting, a smaller lr."""
 TOPK_GRID = (64, 128, 256)
 """Top-k of 4096: densities 1.56 %, 3.1 %, 6.25 %."""
-CODEC_OPTIONS: tuple[dict[str, float], ...] = ({"ef_lookahead": 1.0},)
-"""Codec options under test (manifest fields), each run at every H and top-k next to the
-paper's rule, so they get the same tuning."""
+LOOKAHEAD_AT_K64 = 1.0
+"""``codec.ef_lookahead`` under test, run at every H and top-k next to the paper's rule and
+scaled as 64 / k: a coordinate waits about chunk / k windows between selections, so denser
+payloads lag less and need less look-ahead (measured: 1 at k=64, 0.5 at 128, 0.25 at 256
+were each the best of the values tried; docs/convergence.md)."""
 SEEDS = (1, 2)
 BYTES_GOAL = 50.0
 """SparseLoCo must use at least this many times fewer bytes per round than the best DiLoCo."""
@@ -82,7 +84,8 @@ class Sweep:
     hs: tuple[int, ...] = HS
     diloco: tuple[tuple[float, float], ...] = DILOCO_GRID
     topks: tuple[int, ...] = TOPK_GRID
-    options: tuple[dict[str, float], ...] = CODEC_OPTIONS
+    lookahead: float = LOOKAHEAD_AT_K64
+    """0: the paper's rule only."""
     seeds: tuple[int, ...] = SEEDS
     baselines: tuple[str, ...] = ("ddp", "ddp_loco", "single")
 
@@ -92,11 +95,15 @@ class Sweep:
         per_h = []
         for h in self.hs:
             dl = [[Variant("diloco", h, lr, m)] for lr, m in self.diloco]
-            sl = [[Variant("sparseloco", h, codec=CodecConfig(topk=k, **o)) for o in ({}, *self.options)]
-                  for k in self.topks]
+            sl = [[Variant("sparseloco", h, codec=c) for c in self.codecs(k)] for k in self.topks]
             per_h.append([v for pair in zip_longest(dl, sl, fillvalue=[]) for group in pair for v in group])
         out = [v for rank in zip_longest(*per_h) for v in rank if v is not None]
         return out + [Variant(m, min(self.hs)) for m in self.baselines]
+
+    def codecs(self, topk: int) -> list[CodecConfig]:
+        """The paper's rule at ``topk``, then the look-ahead scaled to it."""
+        plain = CodecConfig(topk=topk)
+        return [plain] + ([replace(plain, ef_lookahead=self.lookahead * 64 / topk)] if self.lookahead else [])
 
     def jobs(self) -> list[tuple[Variant, int]]:
         """(variant, seed) pairs, every seed of a variant together: a cut budget leaves whole means."""
@@ -187,6 +194,7 @@ class Stat:
     loss_mean: float
     loss_min: float
     loss_max: float
+    by_seed: dict[int, float]
     bytes_per_round: float
     payload_bytes: int
     curve_mean: list[tuple[int, float]] = field(repr=False)
@@ -206,9 +214,19 @@ def stats(results: list[Result]) -> list[Stat]:
         losses = [r.heldout_loss for r in rs]
         curve = [(s, statistics.fmean(r.curve[i][1] for r in rs)) for i, (s, _) in enumerate(rs[0].curve)]
         out.append(Stat(label, rs[0].method, rs[0].h, rs[0].topk, rs[0].options, len(rs), statistics.fmean(losses), min(losses),
-                        max(losses), statistics.fmean(r.bytes_per_round for r in rs),
+                        max(losses), {r.seed: r.heldout_loss for r in rs}, statistics.fmean(r.bytes_per_round for r in rs),
                         round(statistics.fmean(r.payload_bytes for r in rs)), curve))
     return out
+
+
+def paired_verdict(seed_gaps: list[float]) -> str:
+    """Seeds share model init and data across methods, so compare seed by seed: a method
+    wins (loses) only when it ends lower (higher) on every seed."""
+    if seed_gaps and all(g < 0 for g in seed_gaps):
+        return "wins"
+    if seed_gaps and all(g > 0 for g in seed_gaps):
+        return "loses"
+    return "mixed (seeds disagree)"
 
 
 def summarize(results: list[Result], *, skipped: list[str] = (), wall_s: float = 0.0, scale: str = "") -> dict:
@@ -227,17 +245,19 @@ def summarize(results: list[Result], *, skipped: list[str] = (), wall_s: float =
         for s in sl:
             gap = (s.loss_mean - best.loss_mean) / best.loss_mean
             ratio = best.bytes_per_round / s.bytes_per_round
-            noise = max(s.spread, best.spread) / best.loss_mean
-            verdict = "wins" if gap < -noise else "loses" if gap > noise else "ties (within seed spread)"
+            seed_gaps = {seed: s.by_seed[seed] - best.by_seed[seed] for seed in s.by_seed if seed in best.by_seed}
+            verdict = paired_verdict(list(seed_gaps.values()))
             row = {"label": s.label, "loss_mean": round(s.loss_mean, 4), "spread": round(s.spread, 4),
-                   "gap_pct": round(100 * gap, 2), "bytes_ratio": round(ratio, 1), "verdict": verdict}
+                   "gap_pct": round(100 * gap, 2),
+                   "seed_gaps": {str(k): round(g, 4) for k, g in sorted(seed_gaps.items())},
+                   "bytes_ratio": round(ratio, 1), "verdict": verdict}
             plain = next((p for p in sl if p.topk == s.topk and not p.options), None)
             if s.options and plain:  # the option against the paper's rule at the same H and top-k
                 row["vs_paper_rule_pct"] = round(100 * (s.loss_mean - plain.loss_mean) / plain.loss_mean, 2)
             rows.append(row)
             statements.append(f"H={h}: {s.label} {verdict} against {best.label}: {s.loss_mean:.4f} vs "
-                              f"{best.loss_mean:.4f} ({100 * gap:+.2f} %, spreads {s.spread:.3f} / {best.spread:.3f}) "
-                              f"at {ratio:.0f}x fewer bytes per round")
+                              f"{best.loss_mean:.4f} ({100 * gap:+.2f} %; per seed "
+                              f"{', '.join(f'{g:+.3f}' for g in seed_gaps.values())}) at {ratio:.0f}x fewer bytes per round")
         within = [r for r in rows if r["gap_pct"] <= 100 * LOSS_GOAL and r["bytes_ratio"] >= BYTES_GOAL]
         checks[f"h{h}_sparseloco_within_1pct_at_50x_fewer_bytes"] = bool(within) if rows else None
         by_h[str(h)] = {
@@ -299,6 +319,18 @@ def record(r: Result) -> dict:
     return rec
 
 
+def read_records(path: str | Path) -> list[Result]:
+    """The runs of a results.jsonl written by ``--out-dir`` (summary lines skipped)."""
+    fields = set(Result.__dataclass_fields__)
+    out = []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if not rec.get("summary"):
+            rec["curve"] = [tuple(point) for point in rec["curve"]]
+            out.append(Result(**{k: v for k, v in rec.items() if k in fields}))
+    return out
+
+
 def run_all(scale: Scale, sweep: Sweep, *, workers: int = 1, threads: int = 1, budget_s: float | None = None,
             emit: Callable[[dict], None] = lambda rec: None) -> tuple[list[Result], dict]:
     """The whole sweep at ``scale``; ``emit`` receives each JSON record as it is made, the summary last."""
@@ -321,10 +353,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu, else cpu)")
     p.add_argument("--out-dir", default=None, help="also write results.jsonl, summary.json and convergence.png here")
     p.add_argument("--out", default="convergence.png", help="where to write the plot (default convergence.png)")
+    p.add_argument("--from-jsonl", default=None, metavar="PATH",
+                   help="train nothing: summarize and plot the runs of a results.jsonl (e.g. merged GPU runs)")
 
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: ``locoswarm bench convergence [--scale S] [--json] [--seeds N] [--workers W] ...``."""
+    if args.from_jsonl:
+        results = read_records(args.from_jsonl)
+        summary = summarize(results, scale=args.scale)
+        print(json.dumps(summary) if args.json else "\n".join(summary["statements"]), flush=True)
+        plot(results, args.out)
+        return 0
     scale = SCALES[args.scale]
     scale = replace(scale, device=args.device or ("cuda" if args.scale == "gpu" else "cpu"))
     sweep = replace(SWEEPS[args.scale], seeds=tuple(range(1, args.seeds + 1)))

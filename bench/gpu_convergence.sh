@@ -10,7 +10,7 @@
 # run that was left out. The payload signature needs `cryptography`, which the device image
 # lacks: carry its wheels in .whl/ (docs/convergence.md, "GPU scale", says how).
 set -euo pipefail
-out=${1:?usage: bench/gpu_convergence.sh OUT_DIR [flags]}
+out=$(realpath -m "${1:?usage: bench/gpu_convergence.sh OUT_DIR [flags]}")
 shift
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
