@@ -1,7 +1,9 @@
 """Benchmarks that print figures, one JSON object per line (``locoswarm bench NAME``).
 
 - ``codec.py``        payload bits per parameter, error and speed vs the reference format
-- ``convergence.py``  SparseLoCo vs DiLoCo vs DDP (+LoCo) vs training alone, at equal tokens
+- ``convergence.py``  SparseLoCo vs tuned DiLoCo (+ DDP, LoCo, training alone): sweep, seeds, summary
+- ``convergence_train.py`` the bench's training loops, one method variant and seed at a time
+- ``gpu_convergence.sh`` the prepared device command for ``convergence --scale gpu``
 - ``wan.py``          peers in network namespaces behind tc-limited links (needs root)
 - ``window.py``       one window of the real peer: seconds per phase, overhead, memory
 - ``netns.py``        the namespaces, veth pairs and tbf links ``wan.py`` runs in
@@ -19,7 +21,7 @@ import importlib
 
 BENCHES = {
     "codec": "payload size, error and speed vs the reference format",
-    "convergence": "SparseLoCo vs DiLoCo vs DDP (+LoCo) vs single at equal tokens",
+    "convergence": "SparseLoCo vs tuned DiLoCo (+ DDP, LoCo, single) at equal tokens, >= 2 seeds",
     "wan": "peers in network namespaces behind tc-limited links (root)",
     "window": "one window of the real peer: seconds per phase, overhead over training, memory",
     "join": "join's memory and disk estimates vs the peak of a real joining peer",

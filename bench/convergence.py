@@ -1,377 +1,285 @@
-"""`locoswarm bench convergence`: SparseLoCo vs DiLoCo vs DDP (+LoCo) vs one replica, at equal tokens.
+"""`locoswarm bench convergence`: SparseLoCo against tuned baselines, at equal tokens, >= 2 seeds.
 
-R replicas of the run's model train one after another in this process (no networking) on
-the run's own data (``node.dataset``, the stdlib corpus), every replica taking the batches
-``assigned_batches`` gives peer ``replica-r``. Every method takes the same number of inner
-steps per replica, so every method but ``single`` sees the same tokens:
+The bench runs one sweep per scale (``SCALES``) and reports every figure as a mean over
+seeds with its spread (max - min):
 
-    sparseloco  H local AdamW steps, pseudo-gradient -> ErrorFeedback (beta 0.95, top-64/4096,
-                2-bit) -> aggregate(mean_selected, median clip) -> outer SGD lr 1; bytes per
-                round are the real signed payload (``protocol.wire.encode_payload``)
-    diloco      H local AdamW steps, dense fp32 pseudo-gradients averaged, outer Nesterov SGD
-                lr 0.7 momentum 0.9 (DiLoCo paper, Douillard et al. 2023)
-    ddp         AdamW on the gradient averaged over the R replicas every step: one model with
-                R x batch, the no-compression upper bound
-    ddp_loco    the same with LoCo 4-bit error-compensated gradients (``node.loco``), R workers
-                simulated with one ``LocoCompressor`` each
-    single      one replica alone, same steps (R times fewer tokens)
+    diloco      per H, outer SGD (lr, Nesterov momentum) over ``DILOCO_GRID``, plain model
+                averaging (lr 1, momentum 0) included; the best setting by mean loss is the
+                baseline SparseLoCo is judged against
+    sparseloco  per H, top-k over ``TOPK_GRID`` (the density knob: bytes grow with k), plus the
+                codec options under test (``EXTRA_SPARSELOCO``)
+    ddp         every step, fp32 gradient averaged: the no-compression upper bound
+    ddp_loco    the same with LoCo 4-bit error-compensated gradients
+    single      one replica alone (R times fewer tokens)
 
-Held-out loss is measured every H steps. Output: one JSON object per method (and per sweep
-configuration), then a summary line with the goal checks; a PNG of loss vs steps and vs
-bytes communicated per replica. ``--sweep`` varies H and top-k density for sparseloco vs
-diloco and compares the two error-feedback rules.
+Every method takes the same inner steps on the same sequences (``bench.convergence_train``)
+with one inner learning rate. Bytes per round are per replica and per H steps, sent plus
+received, by each method's own topology (see ``bench.convergence_train``); the summary states,
+per H, where SparseLoCo wins and where it loses against the best DiLoCo, and at how many
+times fewer bytes.
+
+Scales: ``cpu`` (the default, a few minutes on 2 cores: a 0.24 M-parameter model, 12 and 6
+rounds), ``tiny`` (the `tiny` preset at batch 8 x 64, 24 and 12 rounds: about an hour on 2
+cores), ``gpu`` (the `25m` preset at vocabulary 4096 on ~20 M tokens of site-packages
+source, batch 16 x 256, 64 and 32 rounds: sized for one H100/H200 in under 8 minutes;
+``bench/gpu_convergence.sh`` is the prepared device command).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
+import multiprocessing
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
+from itertools import zip_longest
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from node.dataset import TokenData, prepare
-from node.inner import InnerLoop, lr_at
-from node.loco import LocoCompressor, LocoConfig, average_quantized
-from node.model import build_model, lm_loss
-from protocol.aggregate import aggregate
-from protocol.assignment import assigned_batches, heldout_ids
-from protocol.codec import ErrorFeedback
-from protocol.codec_types import model_layout
-from protocol.errors import LocoError
-from protocol.identity import Identity
-from protocol.manifest import (
-    CodecConfig,
-    DataConfig,
-    InnerConfig,
-    Manifest,
-    ModelConfig,
-)
-from protocol.stores import open_store
-from protocol.wire import DIGEST_BYTES, encode_payload
+from bench.convergence_train import Corpus, Result, Scale, Variant, run_variant
+from protocol.manifest import CodecConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sparseloco", "diloco", "ddp", "ddp_loco", "single")
-SWEEP_H = (15, 30, 50)
-SWEEP_TOPK = (32, 64, 128)
-"""Top-k of 4096: densities 0.78%, 1.56%, 3.1% (SparseLoCo paper, Table 3 range)."""
-DILOCO_LR, DILOCO_MOMENTUM = 0.7, 0.9
-SPARSELOCO_LR = 1.0
+DATA_DIR = str(Path(tempfile.gettempdir()) / "locoswarm-bench-convergence")
+
+SCALES = {
+    "cpu": Scale(name="cpu", model="micro", corpus="stdlib", vocab_size=1024, max_chars=2_000_000, replicas=4,
+                 steps=180, batch_size=4, seq_len=32, eval_sequences=64, data_dir=DATA_DIR),
+    "tiny": Scale(name="tiny", model="tiny", corpus="stdlib", vocab_size=2048, max_chars=6_000_000, replicas=4,
+                  steps=360, batch_size=8, seq_len=64, eval_sequences=64, data_dir=DATA_DIR),
+    "gpu": Scale(name="gpu", model="25m", corpus="site-packages", vocab_size=4096, max_chars=80_000_000,
+                 replicas=4, steps=1200, batch_size=16, seq_len=256, eval_sequences=128, lr=1e-3,
+                 eval_every=30, data_dir=DATA_DIR),
+}
+"""cpu: 12 / 6 rounds at H = 15 / 30 on a micro model; tiny: 24 / 12 rounds of the `tiny`
+preset; gpu: 80 / 40 rounds, 19.7 M tokens per replica (the corpus holds about 20 M)."""
+
+HS = (15, 30)
+DILOCO_GRID = ((1.0, 0.0), (0.7, 0.9), (0.4, 0.9))
+"""(outer lr, Nesterov momentum): plain averaging, the DiLoCo paper's setting, a smaller lr."""
+TOPK_GRID = (64, 128, 256)
+"""Top-k of 4096: densities 1.56 %, 3.1 %, 6.25 %."""
+LOOKAHEAD_AT_K64 = 1.0
+"""``codec.ef_lookahead`` under test, run at every H and top-k next to the paper's rule and
+scaled as 64 / k: a coordinate waits about chunk / k windows between selections, so denser
+payloads lag less and need less look-ahead (measured: 1 at k=64, 0.5 at 128, 0.25 at 256
+were each the best of the values tried; docs/convergence.md)."""
+SEEDS = (1, 2)
+BYTES_GOAL = 50.0
+"""SparseLoCo must use at least this many times fewer bytes per round than the best DiLoCo."""
+LOSS_GOAL = 0.01
+"""... and end within this fraction of its held-out loss (or below it)."""
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    replicas: int = 4
-    steps: int = 600
-    """Inner steps per replica (= optimizer steps of the DDP variants); a multiple of every H."""
-    h: int = 30
-    """Local steps per round for sparseloco/diloco; eval and byte points for every method."""
-    batch_size: int = 8
-    """Sequences per replica per step."""
-    seq_len: int = 128
-    eval_sequences: int = 64
-    preset: str = "tiny"
-    lr: float = 2e-3
-    """Inner AdamW peak lr (warmup then cosine over ``steps``; node.inner.lr_at)."""
-    topk: int = 64
-    ef_rule: str = "sparseloco"
-    max_chars: int = 6_000_000
-    """Characters of the stdlib corpus to tokenize."""
-    seed: int = 1234
-    device: str = "cpu"
-    data_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "locoswarm-bench-convergence"))
-    """A file store + shard cache for the prepared corpus; reused between runs."""
+class Sweep:
+    hs: tuple[int, ...] = HS
+    diloco: tuple[tuple[float, float], ...] = DILOCO_GRID
+    topks: tuple[int, ...] = TOPK_GRID
+    lookahead: float = LOOKAHEAD_AT_K64
+    """0: the paper's rule only."""
+    seeds: tuple[int, ...] = SEEDS
+    baselines: tuple[str, ...] = ("ddp", "ddp_loco", "single")
 
-    def __post_init__(self) -> None:
-        if self.steps % self.h:
-            raise ValueError(f"steps={self.steps} is not a multiple of h={self.h}: methods would see unequal steps")
-        if self.replicas < 1:
-            raise ValueError("replicas must be >= 1")
+    def variants(self) -> list[Variant]:
+        """Every (method, settings) the sweep runs, most informative first, so that a budget
+        that runs out cuts the least: DiLoCo and SparseLoCo settings alternate, H by H."""
+        per_h = []
+        for h in self.hs:
+            dl = [[Variant("diloco", h, lr, m)] for lr, m in self.diloco]
+            sl = [[Variant("sparseloco", h, codec=c) for c in self.codecs(k)] for k in self.topks]
+            per_h.append([v for pair in zip_longest(dl, sl, fillvalue=[]) for group in pair for v in group])
+        out = [v for rank in zip_longest(*per_h) for v in rank if v is not None]
+        return out + [Variant(m, min(self.hs)) for m in self.baselines]
 
-    def manifest(self) -> Manifest:
-        """The run description the data, model and optimizers are built from."""
-        return Manifest(
-            model=ModelConfig(preset=self.preset),
-            data=DataConfig(
-                max_chars=self.max_chars,
-                seq_len=self.seq_len,
-                batch_size=self.batch_size,
-                eval_sequences=self.eval_sequences,
-            ),
-            inner=InnerConfig(
-                steps=self.h, lr=self.lr, warmup_steps=max(1, self.steps // 15), total_steps=self.steps
-            ),
-            codec=CodecConfig(topk=self.topk, ef_rule=self.ef_rule),
-        )
+    def codecs(self, topk: int) -> list[CodecConfig]:
+        """The paper's rule at ``topk``, then the look-ahead scaled to it."""
+        plain = CodecConfig(topk=topk)
+        return [plain] + ([replace(plain, ef_lookahead=self.lookahead * 64 / topk)] if self.lookahead else [])
+
+    def jobs(self) -> list[tuple[Variant, int]]:
+        """(variant, seed) pairs, every seed of a variant together: a cut budget leaves whole means."""
+        return [(v, s) for v in self.variants() for s in self.seeds]
 
 
-QUICK = BenchConfig(steps=180, h=15, batch_size=4, seq_len=32, eval_sequences=32, max_chars=2_000_000)
-"""--quick: under 10 minutes on 2 CPU cores (measured figures in docs/convergence.md)."""
-DEFAULT = BenchConfig(steps=360, h=30, batch_size=8, seq_len=64)
-"""The default run: 12 rounds at H=30, 4x the tokens per step of --quick (about 20 minutes on
-2 CPU cores); larger models and the paper's H=50 need a GPU."""
+SWEEPS = {"cpu": Sweep(), "tiny": Sweep(), "gpu": Sweep(baselines=("ddp",))}
+"""The GPU sweep leaves out ddp_loco and single (not part of the claim under test) to fit 8 minutes."""
+
+
+def check_scale(scale: Scale, sweep: Sweep) -> Scale:
+    """``scale`` with steps a multiple of every H (rounded up), refusing an H the data block does not divide."""
+    for h in sweep.hs:
+        if h % scale.block:
+            raise ValueError(f"H={h} is not a multiple of the data block {scale.block}: methods would see different data")
+    period = math.lcm(*sweep.hs)
+    return replace(scale, steps=-(-scale.steps // period) * period)
+
+
+# ---------------------------------------------------------------------------------------
+# Running jobs: in this process, or in a pool of worker processes (one thread each)
+# ---------------------------------------------------------------------------------------
+
+_corpora: dict[Scale, Corpus] = {}
+
+
+def _job(scale: Scale, variant: Variant, seed: int, threads: int) -> Result:
+    torch.set_num_threads(threads)
+    if scale.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, the same for every method
+    if scale not in _corpora:
+        _corpora[scale] = Corpus.load(scale)
+    return run_variant(scale, _corpora[scale], variant, seed)
+
+
+def run_jobs(scale: Scale, jobs: list[tuple[Variant, int]], *, workers: int = 1, threads: int = 1,
+             budget_s: float | None = None, emit: Callable[[Result], None] = lambda r: None) -> tuple[list[Result], list[str]]:
+    """Run ``jobs`` (``workers`` processes, ``threads`` torch threads each); no new job starts
+    after ``budget_s`` seconds. Returns the results and the labels of the jobs left out."""
+    t0 = time.perf_counter()
+    results: list[Result] = []
+    skipped: list[str] = []
+
+    def over() -> bool:
+        return budget_s is not None and time.perf_counter() - t0 > budget_s
+
+    corpus = Corpus.load(scale)  # tokenizes the corpus once, before any worker starts
+    if workers <= 1:
+        _corpora[scale] = corpus
+        for v, seed in jobs:
+            if over():
+                skipped.append(f"{v.label} seed {seed}")
+                continue
+            results.append(_job(scale, v, seed, threads))
+            emit(results[-1])
+        return results, skipped
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: dict[Future, tuple[Variant, int]] = {}
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < workers and not over():
+                v, seed = queue.pop(0)
+                pending[pool.submit(_job, scale, v, seed, threads)] = (v, seed)
+            if over():
+                skipped.extend(f"{v.label} seed {s}" for v, s in queue)
+                queue.clear()
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                pending.pop(fut)
+                results.append(fut.result())
+                emit(results[-1])
+    return results, skipped
+
+
+# ---------------------------------------------------------------------------------------
+# Summary: means and spreads over seeds; SparseLoCo against the best DiLoCo per H
+# ---------------------------------------------------------------------------------------
 
 
 @dataclass
-class Result:
+class Stat:
+    label: str
     method: str
     h: int
     topk: int | None
-    ef_rule: str | None
-    replicas: int
-    steps: int
-    tokens_per_replica: int
-    heldout_loss: float
-    bytes_per_replica_per_round: int
-    bytes_per_replica_per_step: int | None
-    bytes_per_replica_total: int
-    wall_s: float
-    curve: list[tuple[int, int, float]]
-    """(inner step, cumulative bytes sent per replica, held-out loss), every H steps."""
+    options: dict[str, float]
+    seeds: int
+    loss_mean: float
+    loss_min: float
+    loss_max: float
+    by_seed: dict[int, float]
+    bytes_per_round: float
+    payload_bytes: int
+    curve_mean: list[tuple[int, float]] = field(repr=False)
 
     @property
-    def label(self) -> str:
-        if self.method == "sparseloco":
-            return f"sparseloco H={self.h} k={self.topk} ef={self.ef_rule}"
-        if self.method == "diloco":
-            return f"diloco H={self.h}"
-        return self.method
+    def spread(self) -> float:
+        return self.loss_max - self.loss_min
 
 
-# ---------------------------------------------------------------------------------------
-# Data and evaluation
-# ---------------------------------------------------------------------------------------
+def stats(results: list[Result]) -> list[Stat]:
+    """One ``Stat`` per label, in first-seen order: mean, min and max of the final loss over seeds."""
+    by: dict[str, list[Result]] = {}
+    for r in results:
+        by.setdefault(r.label, []).append(r)
+    out = []
+    for label, rs in by.items():
+        losses = [r.heldout_loss for r in rs]
+        curve = [(s, statistics.fmean(r.curve[i][1] for r in rs)) for i, (s, _) in enumerate(rs[0].curve)]
+        out.append(Stat(label, rs[0].method, rs[0].h, rs[0].topk, rs[0].options, len(rs), statistics.fmean(losses), min(losses),
+                        max(losses), {r.seed: r.heldout_loss for r in rs}, statistics.fmean(r.bytes_per_round for r in rs),
+                        round(statistics.fmean(r.payload_bytes for r in rs)), curve))
+    return out
 
 
-class Corpus:
-    """The run's token data as the benchmark needs it: per-replica train batches, a held-out set."""
-
-    def __init__(self, cfg: BenchConfig, data: TokenData):
-        self.cfg = cfg
-        self.data = data
-        self.device = torch.device(cfg.device)
-        ids = heldout_ids(cfg.eval_sequences, data)
-        self.heldout = [data.batch(ids[i : i + cfg.batch_size]).to(self.device) for i in range(0, len(ids), cfg.batch_size)]
-        self._assigned: dict[tuple[int, int], np.ndarray] = {}
-
-    @classmethod
-    def load(cls, cfg: BenchConfig) -> Corpus:
-        """Prepare (once, cached in ``cfg.data_dir``) and load the stdlib corpus."""
-        manifest = cfg.manifest()
-        root = Path(cfg.data_dir) / f"{manifest.data.seq_len}-{manifest.data.max_chars}"
-        store = open_store(f"file://{root / 'store'}")
-        t0 = time.perf_counter()
-        try:
-            data = TokenData.load(manifest, store, root / "cache")
-        except LocoError as exc:  # not prepared yet, or prepared for another manifest
-            log.info("preparing corpus in %s (%s)", root, type(exc).__name__)
-            prepare(manifest, store)
-            data = TokenData.load(manifest, store, root / "cache")
-        log.info("corpus ready in %.1f s: %d train / %d held-out sequences", time.perf_counter() - t0, data.n_train, data.n_heldout)
-        return cls(cfg, data)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.data.vocab_size
-
-    def train_batch(self, replica: int, step: int) -> torch.Tensor:
-        """int64 [B, T+1]: what replica ``replica`` trains on at inner step ``step``.
-
-        Windows are always cut at ``cfg.h`` steps, so every method and every sweep H
-        consumes the same sequences in the same order."""
-        window, i = divmod(step, self.cfg.h)
-        key = (replica, window)
-        if key not in self._assigned:
-            self._assigned[key] = assigned_batches(
-                self.cfg.seed, window, f"replica-{replica}", self.cfg.h, self.cfg.batch_size, self.data.n_train
-            )
-        return self.data.batch(self._assigned[key][i]).to(self.device)
-
-    @torch.no_grad()
-    def heldout_loss(self, model: torch.nn.Module) -> float:
-        model.eval()
-        total = sum(float(lm_loss(model, b)) * len(b) for b in self.heldout)
-        model.train()
-        return total / sum(len(b) for b in self.heldout)
+def paired_verdict(seed_gaps: list[float]) -> str:
+    """Seeds share model init and data across methods, so compare seed by seed: a method
+    wins (loses) only when it ends lower (higher) on every seed."""
+    if seed_gaps and all(g < 0 for g in seed_gaps):
+        return "wins"
+    if seed_gaps and all(g > 0 for g in seed_gaps):
+        return "loses"
+    return "mixed (seeds disagree)"
 
 
-def _build(cfg: BenchConfig, corpus: Corpus) -> torch.nn.Module:
-    return build_model(ModelConfig(preset=cfg.preset), corpus.vocab_size, cfg.seq_len, cfg.seed).to(cfg.device)
-
-
-def _numel(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------
-# Methods with local steps: sparseloco, diloco, single
-# ---------------------------------------------------------------------------------------
-
-
-def _run_local(cfg: BenchConfig, corpus: Corpus, method: str) -> Result:
-    """sparseloco / diloco (R replicas, outer step every H) or single (one replica, no outer step)."""
-    t0 = time.perf_counter()
-    manifest = cfg.manifest()
-    global_model = _build(cfg, corpus)
-    n_rep = 1 if method == "single" else cfg.replicas
-    models = [copy.deepcopy(global_model) for _ in range(n_rep)]
-    inners = [InnerLoop(m, manifest.inner) for m in models]
-    params = dict(global_model.named_parameters())
-    numel = _numel(global_model)
-
-    if method == "sparseloco":
-        layouts = model_layout({n: tuple(p.shape) for n, p in params.items()}, manifest.codec)
-        feedback = [ErrorFeedback(layouts, manifest.codec, cfg.device) for _ in range(n_rep)]
-        identity = Identity.from_seed(b"bench-convergence")
-    elif method == "diloco":
-        outer_opt = torch.optim.SGD(global_model.parameters(), lr=DILOCO_LR, momentum=DILOCO_MOMENTUM, nesterov=True)
-
-    curve = [(0, 0, corpus.heldout_loss(global_model))]
-    sent_total = 0
-    round_bytes = 0
-    for window in range(cfg.steps // cfg.h):
-        deltas = []
-        for r, (model, inner) in enumerate(zip(models, inners)):
-            if method != "single":
-                with torch.no_grad():
-                    for p, g in zip(model.parameters(), global_model.parameters()):
-                        p.copy_(g)
-            inner.train([corpus.train_batch(r, window * cfg.h + i) for i in range(cfg.h)], window)
-            if method != "single":
-                with torch.no_grad():
-                    deltas.append({n: params[n] - p for n, p in model.named_parameters()})
-
-        with torch.no_grad():
-            if method == "sparseloco":
-                sent = [(f"replica-{r}", feedback[r].compress(d)) for r, d in enumerate(deltas)]
-                payload = encode_payload(
-                    run="bench-convergence",
-                    window=window,
-                    base_digest=bytes(DIGEST_BYTES),
-                    tokens=cfg.h * cfg.batch_size * cfg.seq_len,
-                    tensors=sent[0][1],
-                    codec=manifest.codec,
-                    identity=identity,
-                )
-                round_bytes = len(payload)
-                agg = aggregate(sent, layouts, rule=manifest.outer.rule, clip=manifest.outer.clip)
-                for n, p in params.items():
-                    p.sub_(agg[n].to(p.device), alpha=SPARSELOCO_LR)
-            elif method == "diloco":
-                for n, p in params.items():
-                    p.grad = torch.stack([d[n] for d in deltas]).mean(dim=0)
-                outer_opt.step()
-                round_bytes = 4 * numel
-        sent_total += round_bytes
-        eval_model = models[0] if method == "single" else global_model
-        curve.append(((window + 1) * cfg.h, sent_total, corpus.heldout_loss(eval_model)))
-        log.info("%s H=%d round %d: held-out %.4f", method, cfg.h, window, curve[-1][2])
-
-    return Result(
-        method=method,
-        h=cfg.h,
-        topk=cfg.topk if method == "sparseloco" else None,
-        ef_rule=cfg.ef_rule if method == "sparseloco" else None,
-        replicas=n_rep,
-        steps=cfg.steps,
-        tokens_per_replica=cfg.steps * cfg.batch_size * cfg.seq_len,
-        heldout_loss=curve[-1][2],
-        bytes_per_replica_per_round=round_bytes,
-        bytes_per_replica_per_step=None,
-        bytes_per_replica_total=sent_total,
-        wall_s=round(time.perf_counter() - t0, 2),
-        curve=curve,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Methods that communicate every step: ddp, ddp_loco
-# ---------------------------------------------------------------------------------------
-
-
-def _run_ddp(cfg: BenchConfig, corpus: Corpus, method: str) -> Result:
-    """One model; each step every replica's gradient on its own batch, averaged (fp32 or LoCo)."""
-    t0 = time.perf_counter()
-    manifest = cfg.manifest()
-    model = _build(cfg, corpus)
-    inner = InnerLoop(model, manifest.inner)  # owns the AdamW optimizer and its param groups
-    params = list(model.parameters())
-    numel = _numel(model)
-    loco = LocoConfig()
-    workers = [LocoCompressor(loco, numel, cfg.device) for _ in range(cfg.replicas)] if method == "ddp_loco" else []
-    step_bytes = loco.payload_bytes(numel) if method == "ddp_loco" else 4 * numel
-
-    curve = [(0, 0, corpus.heldout_loss(model))]
-    for step in range(cfg.steps):
-        grads = []
-        for r in range(cfg.replicas):
-            model.zero_grad(set_to_none=True)
-            lm_loss(model, corpus.train_batch(r, step)).backward()
-            grads.append(torch.cat([p.grad.reshape(-1) for p in params]))  # [numel]
-        if method == "ddp_loco":
-            avg = average_quantized([w.encode(g) for w, g in zip(workers, grads)], loco)
-        else:
-            avg = torch.stack(grads).mean(dim=0)
-        offset = 0
-        for p in params:
-            p.grad = avg[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-        for group in inner.optimizer.param_groups:
-            group["lr"] = lr_at(step, manifest.inner)
-        torch.nn.utils.clip_grad_norm_(params, manifest.inner.grad_clip)
-        inner.optimizer.step()
-        if (step + 1) % cfg.h == 0:
-            curve.append((step + 1, (step + 1) * step_bytes, corpus.heldout_loss(model)))
-            log.info("%s step %d: held-out %.4f", method, step + 1, curve[-1][2])
-
-    return Result(
-        method=method,
-        h=cfg.h,
-        topk=None,
-        ef_rule=None,
-        replicas=cfg.replicas,
-        steps=cfg.steps,
-        tokens_per_replica=cfg.steps * cfg.batch_size * cfg.seq_len,
-        heldout_loss=curve[-1][2],
-        bytes_per_replica_per_round=cfg.h * step_bytes,
-        bytes_per_replica_per_step=step_bytes,
-        bytes_per_replica_total=cfg.steps * step_bytes,
-        wall_s=round(time.perf_counter() - t0, 2),
-        curve=curve,
-    )
-
-
-def run_method(cfg: BenchConfig, corpus: Corpus, method: str) -> Result:
-    """Train and evaluate one method under ``cfg``."""
-    torch.manual_seed(cfg.seed)
-    if method in ("ddp", "ddp_loco"):
-        return _run_ddp(cfg, corpus, method)
-    if method in ("sparseloco", "diloco", "single"):
-        return _run_local(cfg, corpus, method)
-    raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
-
-
-def sweep_configs(cfg: BenchConfig) -> list[tuple[BenchConfig, str]]:
-    """--sweep: diloco per H, sparseloco per (H, top-k), and the "loco" error-feedback rule.
-
-    Steps are rounded up to a multiple of every swept H, so all runs see equal tokens."""
-    period = math.lcm(*SWEEP_H)
-    cfg = replace(cfg, steps=-(-cfg.steps // period) * period)
-    runs: list[tuple[BenchConfig, str]] = []
-    for h in SWEEP_H:
-        runs.append((replace(cfg, h=h), "diloco"))
-        runs.extend((replace(cfg, h=h, topk=k), "sparseloco") for k in SWEEP_TOPK)
-    runs.append((replace(cfg, ef_rule="loco"), "sparseloco"))
-    return runs
+def summarize(results: list[Result], *, skipped: list[str] = (), wall_s: float = 0.0, scale: str = "") -> dict:
+    """Per H: the best DiLoCo, every SparseLoCo variant's gap to it and bytes ratio; the goal checks."""
+    st = stats(results)
+    by_h: dict[str, dict] = {}
+    statements: list[str] = []
+    checks: dict[str, bool | None] = {}
+    for h in sorted({s.h for s in st if s.method in ("diloco", "sparseloco")}):
+        dl = [s for s in st if s.method == "diloco" and s.h == h]
+        sl = [s for s in st if s.method == "sparseloco" and s.h == h]
+        if not dl:
+            continue
+        best = min(dl, key=lambda s: s.loss_mean)
+        rows = []
+        for s in sl:
+            gap = (s.loss_mean - best.loss_mean) / best.loss_mean
+            ratio = best.bytes_per_round / s.bytes_per_round
+            seed_gaps = {seed: s.by_seed[seed] - best.by_seed[seed] for seed in s.by_seed if seed in best.by_seed}
+            verdict = paired_verdict(list(seed_gaps.values()))
+            row = {"label": s.label, "loss_mean": round(s.loss_mean, 4), "spread": round(s.spread, 4),
+                   "gap_pct": round(100 * gap, 2),
+                   "seed_gaps": {str(k): round(g, 4) for k, g in sorted(seed_gaps.items())},
+                   "bytes_ratio": round(ratio, 1), "verdict": verdict}
+            plain = next((p for p in sl if p.topk == s.topk and not p.options), None)
+            if s.options and plain:  # the option against the paper's rule at the same H and top-k
+                row["vs_paper_rule_pct"] = round(100 * (s.loss_mean - plain.loss_mean) / plain.loss_mean, 2)
+            rows.append(row)
+            statements.append(f"H={h}: {s.label} {verdict} against {best.label}: {s.loss_mean:.4f} vs "
+                              f"{best.loss_mean:.4f} ({100 * gap:+.2f} %; per seed "
+                              f"{', '.join(f'{g:+.3f}' for g in seed_gaps.values())}) at {ratio:.0f}x fewer bytes per round")
+        within = [r for r in rows if r["gap_pct"] <= 100 * LOSS_GOAL and r["bytes_ratio"] >= BYTES_GOAL]
+        checks[f"h{h}_sparseloco_within_1pct_at_50x_fewer_bytes"] = bool(within) if rows else None
+        by_h[str(h)] = {
+            "best_diloco": {"label": best.label, "loss_mean": round(best.loss_mean, 4), "spread": round(best.spread, 4),
+                            "bytes_per_round": best.bytes_per_round},
+            "diloco": [{"label": s.label, "loss_mean": round(s.loss_mean, 4), "spread": round(s.spread, 4)} for s in dl],
+            "sparseloco": rows,
+        }
+    base = {s.method: s for s in st if s.method in ("ddp", "ddp_loco", "single")}
+    if "ddp" in base and "ddp_loco" in base:
+        rel = (base["ddp_loco"].loss_mean - base["ddp"].loss_mean) / base["ddp"].loss_mean
+        checks["ddp_loco_within_1pct_of_ddp"] = abs(rel) <= 0.01
+        statements.append(f"ddp_loco {base['ddp_loco'].loss_mean:.4f} vs ddp {base['ddp'].loss_mean:.4f} "
+                          f"({100 * rel:+.2f} %) at {base['ddp'].bytes_per_round / base['ddp_loco'].bytes_per_round:.1f}x "
+                          f"fewer bytes (R={results[0].replicas}: all-gather vs ring all-reduce)")
+    return {
+        "bench": "convergence", "summary": True, "scale": scale,
+        "seeds": sorted({r.seed for r in results}), "tokens_per_replica": results[0].tokens_per_replica if results else 0,
+        "baselines": {m: {"loss_mean": round(s.loss_mean, 4), "spread": round(s.spread, 4),
+                          "bytes_per_round": s.bytes_per_round} for m, s in base.items()},
+        "by_h": by_h, "checks": checks, "statements": statements, "skipped": list(skipped), "wall_s": round(wall_s, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,102 +287,110 @@ def sweep_configs(cfg: BenchConfig) -> list[tuple[BenchConfig, str]]:
 # ---------------------------------------------------------------------------------------
 
 
-def summarize(results: list[Result], wall_s: float) -> dict:
-    """The goal checks, on whichever of the default-configuration results are present."""
-    by = {r.method: r for r in results if r.ef_rule in (None, "sparseloco")}
-    main_h = results[0].h if results else 0
-    sl = next((r for r in results if r.method == "sparseloco" and r.ef_rule == "sparseloco" and r.topk == 64 and r.h == main_h), None)
-    dl = next((r for r in results if r.method == "diloco" and r.h == main_h), None)
-    checks: dict[str, bool | None] = {"sparseloco_loss_le_diloco": None, "bytes_ratio_ge_150": None, "ddp_loco_within_1pct_of_ddp": None}
-    figures: dict[str, float] = {}
-    if sl and dl:
-        figures["sparseloco_minus_diloco_loss"] = round(sl.heldout_loss - dl.heldout_loss, 4)
-        figures["diloco_over_sparseloco_bytes"] = round(dl.bytes_per_replica_per_round / sl.bytes_per_replica_per_round, 1)
-        checks["sparseloco_loss_le_diloco"] = sl.heldout_loss <= dl.heldout_loss
-        checks["bytes_ratio_ge_150"] = figures["diloco_over_sparseloco_bytes"] >= 150
-    if "ddp" in by and "ddp_loco" in by:
-        rel = (by["ddp_loco"].heldout_loss - by["ddp"].heldout_loss) / by["ddp"].heldout_loss
-        figures["ddp_loco_rel_loss_gap"] = round(rel, 5)
-        figures["ddp_over_ddp_loco_bytes"] = round(by["ddp"].bytes_per_replica_per_step / by["ddp_loco"].bytes_per_replica_per_step, 2)
-        checks["ddp_loco_within_1pct_of_ddp"] = abs(rel) <= 0.01
-    return {"bench": "convergence", "summary": True, "checks": checks, "figures": figures, "wall_s": round(wall_s, 1)}
-
-
 def plot(results: list[Result], out: str) -> None:
-    """Held-out loss vs inner steps and vs bytes sent per replica (log x)."""
+    """Mean held-out loss over seeds vs inner steps, one panel per H (baselines in each)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_steps, ax_bytes) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in results:
-        steps, sent, loss = zip(*r.curve)
-        ax_steps.plot(steps, loss, label=r.label)
-        if r.bytes_per_replica_total:
-            ax_bytes.plot(sent[1:], loss[1:], marker=".", label=r.label)
-    ax_steps.set(xlabel="inner steps per replica", ylabel="held-out loss", title="loss vs steps (equal tokens)")
-    ax_bytes.set(xscale="log", xlabel="bytes sent per replica (cumulative)", ylabel="held-out loss", title="loss vs communication")
-    for ax in (ax_steps, ax_bytes):
+    st = stats(results)
+    hs = sorted({s.h for s in st if s.method in ("diloco", "sparseloco")}) or [0]
+    fig, axes = plt.subplots(1, len(hs), figsize=(7 * len(hs), 5), squeeze=False)
+    for ax, h in zip(axes[0], hs):
+        for s in st:
+            if s.h == h or s.method in ("ddp", "ddp_loco", "single"):
+                steps, loss = zip(*s.curve_mean)
+                ax.plot(steps, loss, label=f"{s.label} ({s.bytes_per_round:,.0f} B/round)",
+                        linestyle="-" if s.method == "sparseloco" else "--")
+        ax.set(xlabel="inner steps per replica", ylabel="held-out loss (mean over seeds)", title=f"H = {h}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def _record(r: Result) -> dict:
+def record(r: Result) -> dict:
     rec = {"bench": "convergence", **asdict(r)}
     rec["heldout_loss"] = round(r.heldout_loss, 5)
-    rec["curve"] = [[s, b, round(l, 5)] for s, b, l in r.curve]
+    rec["curve"] = [[s, round(loss, 5)] for s, loss in r.curve]
     return rec
 
 
-def run_all(cfg: BenchConfig, *, sweep: bool = False, emit: Callable[[dict], None] = lambda rec: None) -> tuple[list[Result], dict]:
-    """Every method (or the sweep) under ``cfg``; ``emit`` receives each JSON record as it is made."""
+def read_records(path: str | Path) -> list[Result]:
+    """The runs of a results.jsonl written by ``--out-dir`` (summary lines skipped)."""
+    fields = set(Result.__dataclass_fields__)
+    out = []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if not rec.get("summary"):
+            rec["curve"] = [tuple(point) for point in rec["curve"]]
+            out.append(Result(**{k: v for k, v in rec.items() if k in fields}))
+    return out
+
+
+def run_all(scale: Scale, sweep: Sweep, *, workers: int = 1, threads: int = 1, budget_s: float | None = None,
+            emit: Callable[[dict], None] = lambda rec: None) -> tuple[list[Result], dict]:
+    """The whole sweep at ``scale``; ``emit`` receives each JSON record as it is made, the summary last."""
     t0 = time.perf_counter()
-    corpus = Corpus.load(cfg)
-    runs = sweep_configs(cfg) if sweep else [(cfg, m) for m in METHODS]
-    results = []
-    for run_cfg, method in runs:
-        result = run_method(run_cfg, corpus, method)
-        results.append(result)
-        emit(_record(result))
-    summary = summarize(results, time.perf_counter() - t0)
+    scale = check_scale(scale, sweep)
+    results, skipped = run_jobs(scale, sweep.jobs(), workers=workers, threads=threads, budget_s=budget_s,
+                                emit=lambda r: emit(record(r)))
+    summary = summarize(results, skipped=skipped, wall_s=time.perf_counter() - t0, scale=scale.name)
     emit(summary)
     return results, summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``locoswarm bench convergence``."""
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="model and token budget (default cpu)")
     p.add_argument("--json", action="store_true", help="print JSON lines only")
-    p.add_argument("--quick", action="store_true", help="finishes in under 10 minutes on 2 CPU cores")
-    p.add_argument("--sweep", action="store_true", help="sweep H and top-k density; EF variants")
-    p.add_argument("--replicas", type=int, default=4, help="replicas per method (default 4)")
+    p.add_argument("--seeds", type=int, default=len(SEEDS), help=f"seeds per variant (default {len(SEEDS)})")
+    p.add_argument("--workers", type=int, default=2, help="worker processes, one torch thread each (default 2)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no job after this many seconds")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu, else cpu)")
+    p.add_argument("--out-dir", default=None, help="also write results.jsonl, summary.json and convergence.png here")
     p.add_argument("--out", default="convergence.png", help="where to write the plot (default convergence.png)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--from-jsonl", default=None, metavar="PATH",
+                   help="train nothing: summarize and plot the runs of a results.jsonl (e.g. merged GPU runs)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """CLI entry: ``locoswarm bench convergence [--json] [--quick] [--sweep] [--replicas R] [--out PNG] [--device D]``."""
-    torch.set_num_threads(2)
-    cfg = replace(QUICK if args.quick else DEFAULT, replicas=args.replicas, device=args.device)
+    """CLI entry: ``locoswarm bench convergence [--scale S] [--json] [--seeds N] [--workers W] ...``."""
+    if args.from_jsonl:
+        results = read_records(args.from_jsonl)
+        summary = summarize(results, scale=args.scale)
+        print(json.dumps(summary) if args.json else "\n".join(summary["statements"]), flush=True)
+        plot(results, args.out)
+        return 0
+    scale = SCALES[args.scale]
+    scale = replace(scale, device=args.device or ("cuda" if args.scale == "gpu" else "cpu"))
+    sweep = replace(SWEEPS[args.scale], seeds=tuple(range(1, args.seeds + 1)))
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    lines = None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = (out_dir / "results.jsonl").open("w")
 
     def emit(rec: dict) -> None:
+        if lines:
+            lines.write(json.dumps(rec) + "\n")
+            lines.flush()
         if args.json:
             print(json.dumps(rec), flush=True)
         elif rec.get("summary"):
-            print(f"checks: {rec['checks']}  figures: {rec['figures']}  wall {rec['wall_s']} s", flush=True)
+            print("\n".join(rec["statements"]), f"\nchecks: {rec['checks']}  wall {rec['wall_s']} s", flush=True)
         else:
-            label = rec["method"] + (f" H={rec['h']} k={rec['topk']} ef={rec['ef_rule']}" if rec["topk"] else f" H={rec['h']}")
-            print(
-                f"{label:40s} held-out {rec['heldout_loss']:.4f}  bytes/replica/round {rec['bytes_per_replica_per_round']:>12,}"
-                f"  total {rec['bytes_per_replica_total']:>14,}  {rec['wall_s']:7.1f} s",
-                flush=True,
-            )
+            print(f"{rec['label']:48s} seed {rec['seed']}  held-out {rec['heldout_loss']:.4f}  "
+                  f"bytes/replica/round {rec['sent_bytes_per_round'] + rec['received_bytes_per_round']:>14,.0f}  "
+                  f"{rec['wall_s']:7.1f} s", flush=True)
 
-    results, _ = run_all(cfg, sweep=args.sweep, emit=emit)
-    plot(results, args.out)
-    log.info("wrote %s", args.out)
+    threads = 1 if scale.device == "cpu" else 2
+    results, summary = run_all(scale, sweep, workers=args.workers, threads=threads, budget_s=args.budget_s, emit=emit)
+    plot(results, str(out_dir / "convergence.png") if out_dir else args.out)
+    if out_dir:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        lines.close()
     return 0

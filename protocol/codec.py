@@ -257,23 +257,21 @@ def decompress(c: CompressedTensor) -> torch.Tensor:
 class ErrorFeedback:
     """Per-model error-feedback buffers: what we owe the network but have not sent yet.
 
-    Rule "sparseloco" (SparseLoCo paper, Alg. 1), per tensor::
+    Per tensor (SparseLoCo paper, Alg. 1, with lookahead lambda = ``cfg.ef_lookahead``)::
 
         e <- beta * e + delta
-        c  = compress(e)
-        e <- e - decompress(c)          # quantization error stays in e, too
+        c  = compress(e + lambda * delta)   # lambda = 0: the paper's compress(e)
+        e <- e - decompress(c)              # quantization error stays in e, too
 
-    Rule "loco" (Xie et al. 2024, LoCo, applied to the outer pseudo-gradient)::
+    Lookahead. Replicas restart from the global model every window, so a coordinate that
+    drifts steadily is re-learned window after window and reaches the run only when top-k
+    selects it: the global model lags. With lambda > 0 a selected coordinate also carries
+    lambda windows of its current drift, and e keeps that advance as a negative balance that
+    later windows repay; the selection itself prefers coordinates that move now over stale
+    backlog. It is the sparse counterpart of Nesterov's look-ahead in DiLoCo's outer step.
 
-        h  = delta + e
-        c  = compress(h)
-        e <- beta * e + (1 - beta) * (h - decompress(c))
-
-    i.e. the compensation buffer is a moving average of the compression error, which keeps
-    it bounded by the error size instead of accumulating. ``restore`` treats an unused
-    payload as if nothing had been sent: it adds ``decompress(c)`` back under "sparseloco"
-    (exact undo) and ``(1 - beta) * decompress(c)`` under "loco" (the error of sending
-    nothing is ``h``). Call ``restore`` before the next ``compress``.
+    ``restore`` treats an unused payload as if nothing had been sent: it adds
+    ``decompress(c)`` back (an exact undo). Call it before the next ``compress``.
     """
 
     def __init__(self, layouts: Mapping[str, TensorLayout], cfg: CodecConfig, device: torch.device | str = "cpu",
@@ -282,7 +280,7 @@ class ErrorFeedback:
         tensor at a time, so buffers kept in host memory cost one tensor of device memory."""
         self.layouts = dict(layouts)
         self.beta = float(cfg.ef_beta)
-        self.rule = cfg.ef_rule  # validated by CodecConfig
+        self.lookahead = float(cfg.ef_lookahead)
         self.device = torch.device(device)
         self.compute = torch.device(compute) if compute is not None else self.device
         self.buffers: dict[str, torch.Tensor] = {
@@ -305,14 +303,9 @@ class ErrorFeedback:
             kept = self.buffers[name]
             e = kept.to(self.compute, non_blocking=True)
             d = delta[name].detach().to(device=self.compute, dtype=torch.float32)
-            if self.rule == "sparseloco":
-                e.mul_(self.beta).add_(d)
-                c = compress(e, layout)
-                e.sub_(decompress(c))
-            else:
-                h = d + e
-                c = compress(h, layout)
-                e.mul_(self.beta).add_((h - decompress(c)).mul_(1.0 - self.beta))
+            e.mul_(self.beta).add_(d)
+            c = compress(e + self.lookahead * d if self.lookahead else e, layout)
+            e.sub_(decompress(c))
             if e is not kept:
                 kept.copy_(e)
             sent[name] = c
@@ -320,11 +313,10 @@ class ErrorFeedback:
 
     def restore(self, sent: Mapping[str, CompressedTensor]) -> None:
         """Give back what ``sent`` carried when the network did not aggregate our payload."""
-        weight = 1.0 if self.rule == "sparseloco" else 1.0 - self.beta
         for name, c in sent.items():
             if name not in self.buffers:
                 raise ValueError(f"restore: tensor {name!r} is not part of this model")
-            self.buffers[name].add_(decompress(c).to(self.device), alpha=weight)
+            self.buffers[name].add_(decompress(c).to(self.device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The buffers by tensor name (safetensors-ready: contiguous float32)."""

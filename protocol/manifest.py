@@ -21,7 +21,9 @@ from protocol.errors import ManifestError, StoreError
 
 COMM_CHOICES = ("none", "loco")
 """Gradient communication between the ranks of one multi-GPU peer."""
-EF_RULES = ("sparseloco", "loco")
+EF_RULES = ("sparseloco",)
+"""Error-feedback rules; "loco" (a moving average of the compression error) was removed:
+LoCo proposed it for dense per-step gradients, not top-k outer payloads."""
 OUTER_RULES = ("mean_selected", "mean")
 OUTER_CLIPS = ("median", "none")
 
@@ -222,10 +224,17 @@ class CodecConfig:
     bits: int = 2
     """Bits per kept value (2 = sign + one magnitude bit; wire version 1 supports only 2)."""
     ef_beta: float = 0.95
-    """Error-feedback decay: e <- beta * e + delta. Default 0.95."""
+    """Error-feedback decay: e <- beta * e + delta, then what was sent is subtracted
+    (SparseLoCo paper, Alg. 1). Default 0.95."""
     ef_rule: str = "sparseloco"
-    """"sparseloco" (accumulate, subtract what was sent) or "loco" (moving average of the
-    compression error, Xie et al. 2024). Default "sparseloco"."""
+    """"sparseloco" (accumulate, send the top-k, subtract what was sent), the only rule; kept
+    as a field so every manifest that names it keeps its identity. Default "sparseloco"."""
+    ef_lookahead: float = 0.0
+    """lambda: each window sends the top-k of ``e + lambda * delta`` instead of ``e`` and
+    subtracts what it sent, so the run receives the window's drift of the coordinates it
+    selects lambda windows early, and ``e`` holds the advance as a debt later windows repay
+    (nothing is created or lost over a run). 0 = the paper's rule. Measured in
+    docs/convergence.md. Default 0."""
 
     def __post_init__(self) -> None:
         if self.tile * self.tile != self.chunk:
@@ -239,6 +248,8 @@ class CodecConfig:
         if not 0.0 <= self.ef_beta < 1.0:
             raise ManifestError("codec.ef_beta must be in [0, 1)")
         check_choice("codec.ef_rule", self.ef_rule, EF_RULES)
+        if not 0.0 <= self.ef_lookahead <= 4.0:
+            raise ManifestError("codec.ef_lookahead must be in [0, 4] (windows of drift sent early)")
 
 
 @dataclass(frozen=True)
@@ -397,7 +408,7 @@ class Manifest:
 
 
 _HASHED_WHEN_SET = (("run", "store"), ("run", "deadline_factor"), ("run", "min_window_seconds"),
-                    ("inner", "overlap"))
+                    ("inner", "overlap"), ("codec", "ef_lookahead"))
 """Fields added after runs existed: left out of the canonical form while at their default,
 so every manifest written before them keeps its identity."""
 

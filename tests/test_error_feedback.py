@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from protocol.codec import ErrorFeedback, decompress
+from protocol.codec import ErrorFeedback, compress, decompress
 from protocol.codec_types import model_layout
-from protocol.errors import CheckpointError
+from protocol.errors import CheckpointError, ManifestError
 from protocol.manifest import CodecConfig
 
 SHAPES = {"w": (128, 128), "norm": (128,), "odd": (3, 1500)}
@@ -88,6 +88,38 @@ def test_every_coordinate_is_sent_eventually_when_the_deltas_are_equal_in_size()
     assert all(bool(m.all()) for m in ever_sent.values())
 
 
+@pytest.mark.parametrize("lookahead", [0.5, 1.0])
+def test_lookahead_sends_the_top_k_of_e_plus_lambda_delta_and_keeps_the_books(lookahead: float):
+    ef = _ef(ef_lookahead=lookahead)
+    for r in range(6):
+        before = {n: e.clone() for n, e in ef.buffers.items()}
+        delta = _delta(r)
+        sent = ef.compress(delta)
+        for n in SHAPES:
+            want = compress(before[n] * 0.95 + delta[n] + lookahead * delta[n], ef.layouts[n])
+            assert torch.equal(sent[n].idx, want.idx) and torch.equal(sent[n].codes, want.codes)
+            torch.testing.assert_close(decompress(sent[n]) + ef.buffers[n], 0.95 * before[n] + delta[n], rtol=0, atol=1e-5)
+    # A selected coordinate carries an advance: the buffer owes it back (negative balance).
+    w = decompress(sent["w"])
+    assert float((ef.buffers["w"] * w.sign())[w != 0].mean()) < 0
+
+
+def test_restore_undoes_a_lookahead_send_exactly():
+    ef = _ef(ef_lookahead=1.0)
+    ef.compress(_delta(1))
+    before = {n: e.clone() for n, e in ef.buffers.items()}
+    delta = _delta(2)
+    ef.restore(ef.compress(delta))
+    for n in SHAPES:
+        torch.testing.assert_close(ef.buffers[n], 0.95 * before[n] + delta[n], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [-0.1, 4.5, float("nan")])
+def test_a_lookahead_outside_zero_to_four_is_refused(value: float):
+    with pytest.raises(ManifestError, match="ef_lookahead"):
+        CodecConfig(ef_lookahead=value)
+
+
 def test_restore_puts_back_exactly_what_was_sent():
     ef = _ef()
     ef.compress(_delta(1))
@@ -97,36 +129,6 @@ def test_restore_puts_back_exactly_what_was_sent():
     ef.restore(sent)
     for n in SHAPES:
         torch.testing.assert_close(ef.buffers[n], 0.95 * before[n] + delta[n], rtol=0, atol=1e-5)
-
-
-def test_loco_rule_keeps_a_moving_average_of_the_compression_error():
-    ef = _ef(ef_rule="loco", ef_beta=0.8)
-    ef.compress(_delta(1))
-    e_old = {n: e.clone() for n, e in ef.buffers.items()}
-    delta = _delta(2)
-    sent = ef.compress(delta)
-    for n in SHAPES:
-        h = delta[n] + e_old[n]
-        want = 0.8 * e_old[n] + 0.2 * (h - decompress(sent[n]))
-        torch.testing.assert_close(ef.buffers[n], want, rtol=0, atol=1e-5)
-    ef.restore(sent)
-    for n in SHAPES:
-        h = delta[n] + e_old[n]
-        torch.testing.assert_close(ef.buffers[n], 0.8 * e_old[n] + 0.2 * h, rtol=0, atol=1e-5)
-
-
-def test_loco_residual_settles_well_below_the_unsent_random_walk():
-    # LoCo's buffer integrates (1 - beta) * (delta - sent) without decay, so it settles
-    # slowly (~300 rounds here); were nothing sent it would grow like (1-beta)*sqrt(t)*||d||.
-    cfg = CodecConfig(ef_rule="loco")
-    ef = ErrorFeedback(model_layout({"w": (128, 128)}, cfg), cfg)
-    g = torch.Generator().manual_seed(0)
-    norms = []
-    for _ in range(400):
-        ef.compress({"w": torch.randn(128, 128, generator=g)})
-        norms.append(float(ef.buffers["w"].norm()))
-    assert max(norms[300:]) < 1.1 * max(norms[200:300])
-    assert norms[-1] < 0.5 * 0.05 * 400**0.5 * 128
 
 
 def test_state_survives_a_safetensors_round_trip(tmp_path):
@@ -159,3 +161,9 @@ def test_pseudo_gradient_with_missing_tensor_is_refused():
     del delta["norm"]
     with pytest.raises(ValueError, match="missing"):
         ef.compress(delta)
+
+
+def test_the_removed_loco_rule_is_refused_by_name_and_the_paper_rule_keeps_the_run_identity():
+    with pytest.raises(ManifestError, match="codec.ef_rule"):
+        CodecConfig(ef_rule="loco")
+    assert CodecConfig(ef_rule="sparseloco") == CodecConfig()

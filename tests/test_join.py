@@ -166,7 +166,7 @@ def test_manifests_without_a_store_keep_their_identity():
     with_store = Manifest().replace(run__store="s3://bucket/run?endpoint=https://s3.example.org")
     assert with_store.digest != Manifest().digest
     assert Manifest.from_bytes(with_store.to_toml().encode()) == with_store
-    for later in ({"inner__overlap": True}, {"run__deadline_factor": 3.0}, {"run__min_window_seconds": 2.0}):
+    for later in ({"inner__overlap": True}, {"codec__ef_lookahead": 1.0}, {"run__deadline_factor": 3.0}, {"run__min_window_seconds": 2.0}):
         assert Manifest().replace(**later).digest != Manifest().digest, later
 
 
