@@ -233,7 +233,7 @@ class Attacker:
             self.turns[fault] += 1
             try:
                 getattr(self, f"_{fault.name.lower()}")(window, found)
-            except Exception as exc:  # the attacker itself must not stop: log and go on
+            except Exception as exc:  # noqa: BLE001 (the attacker itself must not stop: log and go on)
                 log.warning("%s in window %d failed: %r", fault.name, window, exc)
             self.save_report()
 

@@ -209,7 +209,7 @@ class Closing:
         def check(peer: str) -> _Candidate:
             info = present[peer]
             try:
-                payload, data = self.exchange.verify(peer, expect)
+                _, data = self.exchange.verify(peer, expect)
             except (PayloadUnavailable, PayloadRejected) as exc:
                 return _Candidate((info.size, info.modified), None, str(exc))
             assert data is not None

@@ -55,7 +55,6 @@ def _network(root: Path, keys: Path, *, adversaries: bool) -> dict:
     shutil.copy(keys / "validator.key", vdir / "validator.key")
     validator = _spawn([sys.executable, "-m", "locoswarm.cli", "validator", "--store", uri, "--manifest", str(mpath),
                         "--workdir", str(vdir), "--windows", str(WINDOWS), "--threads", "1"], vdir / "log.txt")
-    expected = HONEST + (1 if adversaries else 0)
     honest = []
     for i in range(HONEST):
         (root / "peers" / f"h{i}").mkdir(parents=True)
