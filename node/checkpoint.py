@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -33,8 +34,12 @@ from safetensors.torch import load, save_file
 from protocol import paths
 from protocol.digest import weights_digest
 from protocol.errors import CheckpointError, ObjectNotFound, StoreError
+from protocol.manifest import RunConfig
 from protocol.records import json_strict
+from protocol.retention import gc_windows, retention_floor
 from protocol.stores.base import Store
+
+log = logging.getLogger(__name__)
 
 MAX_META_BYTES = 1 << 12
 _META_KEYS = {"window", "digest", "sha256", "size"}
@@ -71,6 +76,23 @@ def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tenso
     meta = {"window": window, "digest": digest.hex(), "sha256": h.hexdigest(), "size": size}
     store.put(meta_key(window, digest), json.dumps(meta, sort_keys=True).encode())
     return digest
+
+
+def publish_due(store: Store, run: RunConfig, window: int, weights: dict[str, torch.Tensor], scratch: Path, *,
+                checkpoints: bool = True) -> None:
+    """What the proposer of a decided round owes the run once it stands at ``window``: the
+    checkpoint due there (every ``run.checkpoint_every`` windows; ``checkpoints=False``
+    leaves it to others) and the collection of windows retention no longer keeps. Peers and
+    validators call it alike, so a run decided by validators is checkpointed and collected
+    too. A store error is logged, not raised: the next proposer publishes and collects."""
+    every = run.checkpoint_every
+    try:
+        if checkpoints and window % every == 0:
+            publish_checkpoint(store, window, weights, scratch)
+            log.info("published the checkpoint of window %d", window)
+        gc_windows(store, retention_floor(window, window - window % every, run.keep_windows))
+    except StoreError as exc:
+        log.warning("window %d: checkpoint or garbage collection skipped: %s", window - 1, exc)
 
 
 def checkpoint_windows(store: Store, every: int, after: int = -1) -> Iterator[int]:

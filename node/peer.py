@@ -22,7 +22,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
 from node.accounting import Accounting
-from node.checkpoint import publish_checkpoint
+from node.checkpoint import publish_due
 from node.closing import Closing
 from node.config import NodeConfig
 from node.dataset import TokenData
@@ -48,10 +48,9 @@ from protocol.assignment import assigned_batches
 from protocol.codec import ErrorFeedback
 from protocol.codec_types import CompressedTensor, model_layout
 from protocol.consensus import Decision, proposer
-from protocol.errors import RETRYABLE, PayloadUnavailable, StoreError
+from protocol.errors import RETRYABLE, PayloadUnavailable
 from protocol.identity import Identity
 from protocol.manifest import Manifest
-from protocol.retention import gc_windows, retention_floor
 from protocol.stores.base import Store
 from protocol.stores.s3 import S3Store
 from protocol.wire import Expectation, encode_payload
@@ -375,14 +374,8 @@ class Peer:
         save_local_state(self.node.state_file, state)
         if not publishes:
             return
-        every, window = self.manifest.run.checkpoint_every, state.window
-        try:
-            if self.node.publish_checkpoints and window % every == 0:
-                publish_checkpoint(self.store, window, state.weights, self.node.cache_dir)
-                log.info("published the checkpoint of window %d", window)
-            gc_windows(self.store, retention_floor(window, window - window % every, self.manifest.run.keep_windows))
-        except StoreError as exc:  # the next proposer publishes and collects
-            log.warning("window %d: checkpoint or garbage collection skipped: %s", window - 1, exc)
+        publish_due(self.store, self.manifest.run, state.window, state.weights, self.node.cache_dir,
+                    checkpoints=self.node.publish_checkpoints)
 
     # ------------------------------------------------------------------ catching up, running
     @property

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.accounting import Accounting
+from node.checkpoint import checkpoint_windows
 from node.follow import DecisionReader
 from node.state import load_local_state
 from protocol import paths
@@ -40,8 +41,8 @@ def no_leftover_processes():
 
 def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-    return proc
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
 
 def _network(root: Path, keys: Path, *, adversaries: bool) -> dict:
@@ -103,6 +104,13 @@ def test_attackers_are_rejected_outscored_and_left_out(tmp_path):
     digests = {final_digest(p) for p in attacked["honest"]}
     assert len(digests) == 1
     assert attacked["validator_state"].window == WINDOWS
+
+    # Validators decide this run, so the validator (every round's proposer) publishes the
+    # checkpoints and collects old windows: no peer ever does.
+    for net in (attacked, clean):
+        assert f"published the checkpoint of window {WINDOWS}" in net["validator_log"]
+        assert next(checkpoint_windows(net["store"], net["manifest"].run.checkpoint_every)) == WINDOWS
+        assert not (net["root"] / "store" / "windows" / "000000").exists(), "window 0 should have been collected"
 
     ids = json.loads((attacked["root"] / "adversary" / "ids.json").read_text())
     adversaries = set(ids.values())

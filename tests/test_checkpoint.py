@@ -13,11 +13,14 @@ from node.checkpoint import (
     fetch_checkpoint,
     meta_key,
     publish_checkpoint,
+    publish_due,
     weights_key,
 )
 from node.state import LocalState, load_local_state, save_local_state
+from protocol import paths
 from protocol.digest import weights_digest
 from protocol.errors import CheckpointError
+from protocol.manifest import RunConfig
 from protocol.stores.memory import MemoryStore
 
 
@@ -108,3 +111,19 @@ def test_checkpoints_are_found_by_probing_when_listing_is_shallow(tmp_path):
     assert list(checkpoint_windows(store, every=3, after=300)) == []
     store.delete(meta_key(3, weights_digest(_weights())))  # the first one's publisher failed
     assert next(checkpoint_windows(store, every=3)) == 300
+
+
+def test_the_proposer_publishes_the_checkpoint_that_is_due_and_collects_what_retention_drops(tmp_path):
+    store, run = MemoryStore(), RunConfig(checkpoint_every=2, keep_windows=2)
+    for w in range(6):
+        store.put(paths.payload_key(w, "a" * 24), b"x")
+
+    def windows() -> list[int]:
+        return sorted(paths.window_of_key(o.key) for o in store.list("windows/"))
+
+    publish_due(store, run, 4, _weights(), tmp_path)  # due; the floor is min(4 - 1, 4 - 2) = 2
+    assert list(checkpoint_windows(store, 2)) == [4] and windows() == [2, 3, 4, 5]
+    publish_due(store, run, 5, _weights(1), tmp_path)  # not due; the floor is min(3, 3)
+    assert list(checkpoint_windows(store, 2)) == [4] and windows() == [3, 4, 5]
+    publish_due(store, run, 6, _weights(2), tmp_path, checkpoints=False)  # collects, leaves the checkpoint to others
+    assert list(checkpoint_windows(store, 2)) == [4] and windows() == [4, 5]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from node.accounting import Accounting
+from node.checkpoint import publish_due
 from node.closing import Closing
 from node.dataset import TokenData
 from node.exchange import Exchange, address_policy
@@ -38,7 +39,7 @@ from node.state import LocalState, load_local_state, save_local_state
 from protocol.assignment import assigned_batches, unassigned_batches
 from protocol.codec import compress
 from protocol.codec_types import CompressedTensor, model_layout
-from protocol.consensus import Decision
+from protocol.consensus import Decision, proposer
 from protocol.errors import RETRYABLE, PayloadRejected, PayloadUnavailable
 from protocol.identity import Identity
 from protocol.manifest import Manifest
@@ -219,6 +220,10 @@ class Validator:
                                      payload_bytes={i.peer_id: i.size for i in decision.included})
         save_local_state(self.state_file, LocalState(self.replica.window, self.replica.params, {}, {},
                                                      {"heldout_loss": heldout}))
+        if proposer(decision.window, decision.round, self.manifest.closers) == self.identity.public_key.hex():
+            # Validators decide this run, so no peer is ever the proposer: we publish and collect.
+            publish_due(self.store, self.manifest.run, self.replica.window, self.replica.params,
+                        self.cfg.workdir / "cache")
         return verdicts
 
     def next_decision(self) -> Decision | None:
