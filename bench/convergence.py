@@ -72,6 +72,10 @@ LOOKAHEAD_AT_K64 = 1.0
 scaled as 64 / k: a coordinate waits about chunk / k windows between selections, so denser
 payloads lag less and need less look-ahead (measured: 1 at k=64, 0.5 at 128, 0.25 at 256
 were each the best of the values tried; docs/convergence.md)."""
+OVERLAP_LANDS = (0.5, 1.0)
+"""When the window-w aggregate lands in window w+1's training, as a fraction of its H steps:
+0.5 when the exchange takes half the compute, 1.0 the worst case that still hides it (the
+local steps never see theta(w+1): a one-window-delayed outer step)."""
 SEEDS = (1, 2)
 BYTES_GOAL = 50.0
 """SparseLoCo must use at least this many times fewer bytes per round than the best DiLoCo."""
@@ -86,6 +90,8 @@ class Sweep:
     topks: tuple[int, ...] = TOPK_GRID
     lookahead: float = LOOKAHEAD_AT_K64
     """0: the paper's rule only."""
+    lands: tuple[float, ...] = OVERLAP_LANDS
+    """Overlapped SparseLoCo (``inner.overlap``) at the smallest top-k, by when the aggregate lands."""
     seeds: tuple[int, ...] = SEEDS
     baselines: tuple[str, ...] = ("ddp", "ddp_loco", "single")
 
@@ -96,6 +102,8 @@ class Sweep:
         for h in self.hs:
             dl = [[Variant("diloco", h, lr, m)] for lr, m in self.diloco]
             sl = [[Variant("sparseloco", h, codec=c) for c in self.codecs(k)] for k in self.topks]
+            if sl:
+                sl[0] += [Variant("sparseloco", h, codec=CodecConfig(topk=self.topks[0]), land=f) for f in self.lands]
             per_h.append([v for pair in zip_longest(dl, sl, fillvalue=[]) for group in pair for v in group])
         out = [v for rank in zip_longest(*per_h) for v in rank if v is not None]
         return out + [Variant(m, min(self.hs)) for m in self.baselines]

@@ -224,17 +224,24 @@ class Variant:
     """diloco: Nesterov momentum of the outer SGD (0 = none)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     """sparseloco: the run's codec options (top-k, error feedback), as a manifest holds them."""
+    land: float | None = None
+    """sparseloco with ``inner.overlap``: window w+1 trains from theta(w) while window w is
+    exchanged, and the window-w aggregate lands (is subtracted from every replica's local
+    weights) after this fraction of its H steps, as ``node.overlap`` does; None = serial."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of {METHODS}")
+        if self.land is not None and (self.method != "sparseloco" or not 0.0 <= self.land <= 1.0):
+            raise ValueError("land: a fraction in [0, 1], for sparseloco only")
 
     @property
     def label(self) -> str:
         if self.method == "sparseloco":
             extra = "".join(f" {k}={v}" for k, v in codec_options(self.codec).items() if k != "topk")
             lr = f" lr={self.outer_lr:g}" if self.outer_lr != 1.0 else ""
-            return f"sparseloco H={self.h} k={self.codec.topk}{lr}{extra}"
+            overlap = f" overlap@{self.land:g}" if self.land is not None else ""
+            return f"sparseloco H={self.h} k={self.codec.topk}{lr}{extra}{overlap}"
         if self.method == "diloco":
             if self.momentum == 0.0 and self.outer_lr == 1.0:
                 return f"diloco H={self.h} avg"
@@ -256,7 +263,8 @@ class Result:
     seed: int
     topk: int | None
     options: dict[str, float]
-    """sparseloco: codec options other than top-k that differ from the manifest's defaults."""
+    """sparseloco: codec options other than top-k that differ from the manifest's defaults, and
+    ``overlap_land`` when overlapped."""
     replicas: int
     steps: int
     tokens_per_replica: int
@@ -306,14 +314,21 @@ def _run_local(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
     curve = [(0, corpus.heldout_loss(global_model))]
     payloads = []
     rounds = scale.steps // v.h
+    start = global_model  # where every replica's window begins: theta(w), or theta(w-1) when overlapped
+    pending: dict[str, torch.Tensor] | None = None  # overlapped: the aggregate of the window before
+    land = round(v.land * v.h) if v.land is not None else 0
     for window in range(rounds):
         deltas = []
         for r, (model, inner) in enumerate(zip(models, inners)):
             if v.method != "single":
                 with torch.no_grad():
-                    for p, g in zip(model.parameters(), global_model.parameters()):
+                    for p, g in zip(model.parameters(), start.parameters()):
                         p.copy_(g)
-            inner.train([corpus.train_batch(seed, r, window * v.h + i) for i in range(v.h)], window)
+            batches = [corpus.train_batch(seed, r, window * v.h + i) for i in range(v.h)]
+            if pending is not None:
+                _land_after(inner, model, batches, window, land, pending, v.outer_lr)
+            else:
+                inner.train(batches, window)
             if v.method != "single":
                 with torch.no_grad():
                     deltas.append({n: params[n] - p for n, p in model.named_parameters()})
@@ -327,6 +342,8 @@ def _run_local(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
                     identity=identity,
                 )))
                 update = aggregate(sent, layouts, rule=manifest.outer.rule, clip=manifest.outer.clip)
+                if v.land is not None:  # the next window trains from theta(w); this update lands in it
+                    start, pending = copy.deepcopy(global_model), update
                 for n, p in params.items():
                     p.sub_(update[n].to(p.device), alpha=v.outer_lr)
             elif v.method == "diloco":
@@ -346,6 +363,28 @@ def _run_local(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
     else:
         payload, sent_b, recv_b = 0, 0.0, 0.0
     return _result(scale, v, seed, n_rep, payload, sent_b, recv_b, curve, t0)
+
+
+def _land_after(inner: InnerLoop, model: torch.nn.Module, batches: list[torch.Tensor], window: int, land: int,
+                update: dict[str, torch.Tensor], lr: float) -> None:
+    """Train ``batches`` and subtract ``lr * update`` from the local weights after ``land`` of
+    them, between two steps (at the start when 0), as an overlapped peer's ``apply_landed``."""
+    def apply() -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.sub_(update[n].to(p.device), alpha=lr)
+
+    done = 0
+
+    def after_step() -> None:
+        nonlocal done
+        done += 1
+        if done == land:
+            apply()
+
+    if land == 0:
+        apply()
+    inner.train(batches, window, after_step=after_step)
 
 
 def _run_ddp(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
@@ -395,12 +434,19 @@ def _result(scale: Scale, v: Variant, seed: int, n_rep: int, payload: int, sent_
     return Result(
         label=v.label, method=v.method, h=v.h, seed=seed,
         topk=v.codec.topk if v.method == "sparseloco" else None,
-        options={k: o for k, o in codec_options(v.codec).items() if k != "topk"} if v.method == "sparseloco" else {},
+        options=_options(v),
         replicas=n_rep, steps=scale.steps, tokens_per_replica=scale.tokens_per_replica,
         heldout_loss=curve[-1][1], payload_bytes=payload,
         sent_bytes_per_round=sent_b, received_bytes_per_round=recv_b,
         wall_s=round(time.perf_counter() - t0, 2), curve=curve,
     )
+
+
+def _options(v: Variant) -> dict[str, float]:
+    if v.method != "sparseloco":
+        return {}
+    out = {k: o for k, o in codec_options(v.codec).items() if k != "topk"}
+    return out | ({"overlap_land": v.land} if v.land is not None else {})
 
 
 def run_variant(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:

@@ -14,7 +14,7 @@ import torch
 
 from bench import convergence
 from bench.convergence import Sweep, check_scale, plot, run_all, summarize
-from bench.convergence_train import Corpus, Result, Scale, Variant, link_site_packages
+from bench.convergence_train import Corpus, Result, Scale, Variant, link_site_packages, run_variant
 from node.loco import LocoConfig
 from protocol.manifest import CodecConfig
 
@@ -22,7 +22,7 @@ FIELDS = {
     "bench", "label", "method", "h", "seed", "topk", "options", "replicas", "steps", "tokens_per_replica", "heldout_loss",
     "payload_bytes", "sent_bytes_per_round", "received_bytes_per_round", "wall_s", "curve",
 }
-SMOKE_SWEEP = Sweep(hs=(2, 4), diloco=((1.0, 0.0), (0.7, 0.9)), topks=(64,), lookahead=0.0, seeds=(1, 2))
+SMOKE_SWEEP = Sweep(hs=(2, 4), diloco=((1.0, 0.0), (0.7, 0.9)), topks=(64,), lookahead=0.0, lands=(), seeds=(1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_plot_writes_a_png(smoke, tmp_path: Path) -> None:
 
 def test_cli_writes_jsonl_summary_and_png_into_out_dir(scale: Scale, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(convergence.SCALES, "cpu", scale)
-    monkeypatch.setitem(convergence.SWEEPS, "cpu", Sweep(hs=(2,), diloco=((1.0, 0.0),), topks=(64,), lookahead=0.0,
+    monkeypatch.setitem(convergence.SWEEPS, "cpu", Sweep(hs=(2,), diloco=((1.0, 0.0),), topks=(64,), lookahead=0.0, lands=(),
                                                          baselines=()))
     args = argparse.Namespace(scale="cpu", json=True, seeds=2, workers=1, budget_s=None, device=None,
                               out_dir=str(tmp_path / "out"), out="unused.png", from_jsonl=None)
@@ -185,7 +185,7 @@ def test_cli_writes_jsonl_summary_and_png_into_out_dir(scale: Scale, tmp_path: P
 
 
 def test_a_spent_budget_starts_no_more_jobs(scale: Scale) -> None:
-    sweep = Sweep(hs=(2,), diloco=((1.0, 0.0),), topks=(), lookahead=0.0, seeds=(1,), baselines=("single",))
+    sweep = Sweep(hs=(2,), diloco=((1.0, 0.0),), topks=(), lookahead=0.0, lands=(), seeds=(1,), baselines=("single",))
     results, summary = run_all(scale, sweep, budget_s=0.0)
     assert results == []
     assert summary["skipped"] == ["diloco H=2 avg seed 1", "single seed 1"]
@@ -199,7 +199,7 @@ def test_gpu_scale_runs_at_a_tiny_size_on_cpu(tmp_path: Path) -> None:
     assert gpu.steps // 15 in range(40, 81) and gpu.steps // 30 in range(40, 81)
     small = replace(gpu, max_chars=400_000, replicas=2, steps=2, block=2, batch_size=1, seq_len=16,
                     eval_sequences=2, eval_every=2, device="cpu", data_dir=str(tmp_path))
-    sweep = Sweep(hs=(2,), diloco=((1.0, 0.0),), topks=(64,), lookahead=1.0, seeds=(1,),
+    sweep = Sweep(hs=(2,), diloco=((1.0, 0.0),), topks=(64,), lookahead=1.0, lands=(), seeds=(1,),
                   baselines=("ddp",))
     results, summary = run_all(small, sweep)
     assert [r.label for r in results] == ["diloco H=2 avg", "sparseloco H=2 k=64",
@@ -210,3 +210,20 @@ def test_gpu_scale_runs_at_a_tiny_size_on_cpu(tmp_path: Path) -> None:
     assert Path(next(Path(corpus.data.index.source).iterdir()).resolve()).is_relative_to(purelib)
     assert {r["label"] for r in summary["by_h"]["2"]["sparseloco"]} == {"sparseloco H=2 k=64",
                                                                       "sparseloco H=2 k=64 ef_lookahead=1.0"}
+
+
+def test_overlap_landing_before_the_first_step_is_the_serial_run_bit_for_bit(scale: Scale) -> None:
+    """The overlapped variant differs from serial only in where local steps start: when the
+    aggregate lands before any of them, the run is the serial one exactly; later, it is not."""
+    torch.set_num_threads(1)
+    corpus = Corpus.load(scale)
+    serial = run_variant(scale, corpus, Variant("sparseloco", 2), 1)
+    at_once = run_variant(scale, corpus, Variant("sparseloco", 2, land=0.0), 1)
+    late = run_variant(scale, corpus, Variant("sparseloco", 2, land=1.0), 1)
+    assert at_once.curve == serial.curve
+    assert late.curve[1] == serial.curve[1]  # the first window has nothing to land
+    assert late.curve[-1] != serial.curve[-1]
+    assert late.label == "sparseloco H=2 k=64 overlap@1" and late.options == {"overlap_land": 1.0}
+    assert {"sparseloco H=15 k=64 overlap@0.5", "sparseloco H=30 k=64 overlap@1"} <= {v.label for v in Sweep().variants()}
+    with pytest.raises(ValueError, match="land"):
+        Variant("diloco", 2, land=0.5)
