@@ -14,7 +14,14 @@ import torch
 
 from bench import convergence
 from bench.convergence import Sweep, check_scale, plot, run_all, summarize
-from bench.convergence_train import Corpus, Result, Scale, Variant, link_site_packages, run_variant
+from bench.convergence_train import (
+    Corpus,
+    Result,
+    Scale,
+    Variant,
+    link_site_packages,
+    run_variant,
+)
 from node.loco import LocoConfig
 from protocol.manifest import CodecConfig
 
