@@ -8,11 +8,13 @@ once, by the keys the manifest trusts (its closers), and everyone else reads the
   precommits in its consensus records. Nothing signed by any other key decides anything.
 - ``Closing`` (a node that is one of the closers): plays the Tendermint rounds through the
   store. As proposer it waits until the window may close (every expected peer published,
-  or the deadline passed), then proposes the admitted payloads it verified, keeping a
-  content-addressed copy of those served from peers' own buckets (a window nobody
-  published in stays open for one more ``window_seconds``, for payloads an outage held up). As voter it checks every proposal before
-  voting for it (``judge``): our base digest; a close time that agrees with
-  our clock, and not before the deadline unless every expected peer is in; admission by
+  or the deadline passed; with nobody expected, the deadline), then proposes the admitted
+  payloads it verified, keeping a content-addressed copy of those served from peers' own
+  buckets (a window without one valid admitted payload stays open for one more
+  ``window_seconds``, for payloads an outage held up: strangers' junk does not close it).
+  As voter it checks every proposal before voting for it (``judge``): our base digest; a
+  close time that agrees with our clock, and not before the deadline unless every expected
+  peer (at least one) is in; admission by
   the rules every closer recomputes (``node/admission.py``); every listed payload fetched
   by hash and decoded; and nothing valid and on time left out, where the store's own clock
   says what was on time. Once decided it writes a decision record for readers.
@@ -91,7 +93,6 @@ class _Window:
     validity: dict[bytes, bool] = field(default_factory=dict)
     proposal: CloseValue | None = None
     candidates: dict[str, _Candidate] = field(default_factory=dict)
-    published: bool = False
     mine: dict[str, bytes] = field(default_factory=dict)
     """Our records of this window, by key: kept in place for a few windows."""
     kept_at: float = 0.0
@@ -199,9 +200,8 @@ class Closing:
     def _verify_present(self, st: _Window, window: int, expect: Expectation, allowed: frozenset[str],
                         standing: frozenset[str], known: frozenset[str] = frozenset()) -> dict[str, ObjectInfo]:
         """Fetch and verify every admitted present payload not verified in its current form;
-        the admitted ones present (``st.published`` notes whether anyone published at all)."""
+        the admitted ones present."""
         listing = self.exchange.present(window, expect)
-        st.published = bool(listing)
         present = {p: o for p, o in listing.items() if p in allowed}
         todo = [p for p, o in present.items() if p not in known
                 and (p not in st.candidates or st.candidates[p].listed != (o.size, o.modified))]
@@ -228,10 +228,10 @@ class Closing:
         adm = admission.choose(self.manifest, self.store, window)
         present = self._verify_present(st, window, expect, adm.allowed, adm.standing)
         good = {p: st.candidates[p] for p in present if st.candidates[p].included is not None}
-        complete = expected <= good.keys()
+        complete = bool(expected) and expected <= good.keys()  # nobody expected: nothing to close early on
         if not complete and self.clock() < deadline:
             return None
-        if not st.published and self.clock() < deadline + self.manifest.run.window_seconds:
+        if not good and self.clock() < deadline + self.manifest.run.window_seconds:
             return None  # an empty window would only move the clock: give late payloads (an outage) a while
         chosen = _cap(self.manifest, {p: c.included for p, c in good.items()}, present, self.store.trusted_clock)
         for peer in chosen:
@@ -252,9 +252,10 @@ class Closing:
             return f"it claims to close {value.closed_at - first_seen:.1f} s in the future"
         if previous_poll and value.closed_at < previous_poll - self.skew:
             return f"it claims to have closed {previous_poll - value.closed_at:.1f} s before it appeared"
-        if value.closed_at < deadline - self.skew and not expected <= set(value.peers):
+        if value.closed_at < deadline - self.skew and not (expected and expected <= set(value.peers)):
             missing = sorted(expected - set(value.peers))
-            return f"it closes {deadline - value.closed_at:.1f} s early without the expected peers {missing[:4]}"
+            return (f"it closes {deadline - value.closed_at:.1f} s early without the expected peers {missing[:4]}"
+                    if missing else f"it closes {deadline - value.closed_at:.1f} s early though no peer is expected")
         reason = admission.check(self.manifest, self.store, st.log.window, value)
         if reason is not None:
             return reason

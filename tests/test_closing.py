@@ -141,3 +141,41 @@ def test_a_counted_payload_that_no_source_serves_is_waited_for_never_skipped(net
     with pytest.raises(PayloadUnavailable) as info:
         reader.gather(value.included, expect)
     assert info.value.peer == x.peer_id and "hash" in info.value.reason
+
+
+def test_junk_never_closes_an_empty_window_and_nobody_expected_closes_nothing_early(tmp_path):
+    """A stranger's junk under a payload key is not a payload: the window waits one more
+    ``window_seconds`` for a real one. And when no peer is expected (the windows before
+    counted nobody), a window closes at its deadline, not at once with whatever is there."""
+    a, h, stranger = (Identity.from_seed(s) for s in (b"closer a", b"listed h", b"stranger"))
+    manifest = Manifest().replace(run__peers=(h.public_key.hex(),), run__window_seconds=30.0,
+                                  validators__keys=(a.public_key.hex(),))
+    layouts = model_layout(SHAPES, manifest.codec)
+    weights = {n: torch.randn(s, generator=torch.Generator().manual_seed(0)) for n, s in SHAPES.items()}
+    base = Replica(weights, 0).digest
+    store = FileStore(tmp_path / "store")
+    now = [1000.0]
+    acct = Accounting()
+    closing = Closing(store, manifest, a, Exchange(store, a, manifest.run_key, acct), acct, clock=lambda: now[0])
+
+    def decide(window: int, deadline: float, expected: set[str]):
+        expect = Expectation.of_run(manifest.run_key, window, layouts, manifest.codec, cap=1 << 20, base_digest=base)
+        for _ in range(6):
+            decision = closing.poll(window, expect, deadline=deadline, expected=expected)
+            now[0] += 1.0  # the store's records are re-read as time goes on
+            if decision is not None:
+                return decision
+        return None
+
+    store.put(paths.payload_key(0, stranger.peer_id), b"junk" * 100)
+    assert decide(0, 990.0, {h.peer_id}) is None  # past the deadline, but nothing valid came
+    now[0] = 990.0 + 30.0 + 1
+    assert decide(0, 990.0, {h.peer_id}).value.peers == ()  # an outage's grace is over
+
+    sent = ErrorFeedback(layouts, manifest.codec).compress({n: 1e-2 * torch.ones(s) for n, s in SHAPES.items()})
+    store.put(paths.payload_key(1, h.peer_id), encode_payload(run=manifest.run_key, window=1, base_digest=base,
+                                                              tokens=64, tensors=sent, codec=manifest.codec, identity=h))
+    deadline = now[0] + 20.0
+    assert decide(1, deadline, set()) is None  # nobody expected: no early close
+    now[0] = deadline + 0.5
+    assert decide(1, deadline, set()).value.peers == (h.peer_id,)
