@@ -228,19 +228,25 @@ class Variant:
     """sparseloco with ``inner.overlap``: window w+1 trains from theta(w) while window w is
     exchanged, and the window-w aggregate lands (is subtracted from every replica's local
     weights) after this fraction of its H steps, as ``node.overlap`` does; None = serial."""
+    eager: bool = False
+    """With ``land``: window w+1 trains on from each replica's own end of window w (its own
+    pseudo-gradient standing in for the aggregate, as in eager updates), and the landing
+    swaps that stand-in for the real aggregate; else it trains from theta(w)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; use one of {METHODS}")
         if self.land is not None and (self.method != "sparseloco" or not 0.0 <= self.land <= 1.0):
             raise ValueError("land: a fraction in [0, 1], for sparseloco only")
+        if self.eager and self.land is None:
+            raise ValueError("eager: only with land (an overlapped variant)")
 
     @property
     def label(self) -> str:
         if self.method == "sparseloco":
             extra = "".join(f" {k}={v}" for k, v in codec_options(self.codec).items() if k != "topk")
             lr = f" lr={self.outer_lr:g}" if self.outer_lr != 1.0 else ""
-            overlap = f" overlap@{self.land:g}" if self.land is not None else ""
+            overlap = f" overlap@{self.land:g}{' eager' if self.eager else ''}" if self.land is not None else ""
             return f"sparseloco H={self.h} k={self.codec.topk}{lr}{extra}{overlap}"
         if self.method == "diloco":
             if self.momentum == 0.0 and self.outer_lr == 1.0:
@@ -315,18 +321,18 @@ def _run_local(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
     payloads = []
     rounds = scale.steps // v.h
     start = global_model  # where every replica's window begins: theta(w), or theta(w-1) when overlapped
-    pending: dict[str, torch.Tensor] | None = None  # overlapped: the aggregate of the window before
+    shifts: list[dict[str, torch.Tensor]] | None = None  # overlapped: what lands in each replica mid-window
     land = round(v.land * v.h) if v.land is not None else 0
     for window in range(rounds):
         deltas = []
         for r, (model, inner) in enumerate(zip(models, inners)):
-            if v.method != "single":
+            if v.method != "single" and not (v.eager and shifts is not None):
                 with torch.no_grad():
                     for p, g in zip(model.parameters(), start.parameters()):
                         p.copy_(g)
             batches = [corpus.train_batch(seed, r, window * v.h + i) for i in range(v.h)]
-            if pending is not None:
-                _land_after(inner, model, batches, window, land, pending, v.outer_lr)
+            if shifts is not None:
+                _land_after(inner, model, batches, window, land, shifts[r])
             else:
                 inner.train(batches, window)
             if v.method != "single":
@@ -342,8 +348,10 @@ def _run_local(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
                     identity=identity,
                 )))
                 update = aggregate(sent, layouts, rule=manifest.outer.rule, clip=manifest.outer.clip)
-                if v.land is not None:  # the next window trains from theta(w); this update lands in it
-                    start, pending = copy.deepcopy(global_model), update
+                if v.land is not None:  # the next window trains from theta(w) (or on); this update lands in it
+                    start = copy.deepcopy(global_model)
+                    shifts = [{n: v.outer_lr * update[n].to(params[n].device) - (d[n] if v.eager else 0.0) for n in params}
+                              for d in deltas]
                 for n, p in params.items():
                     p.sub_(update[n].to(p.device), alpha=v.outer_lr)
             elif v.method == "diloco":
@@ -366,13 +374,14 @@ def _run_local(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
 
 
 def _land_after(inner: InnerLoop, model: torch.nn.Module, batches: list[torch.Tensor], window: int, land: int,
-                update: dict[str, torch.Tensor], lr: float) -> None:
-    """Train ``batches`` and subtract ``lr * update`` from the local weights after ``land`` of
-    them, between two steps (at the start when 0), as an overlapped peer's ``apply_landed``."""
+                shift: dict[str, torch.Tensor]) -> None:
+    """Train ``batches`` and subtract ``shift`` (``lr * update``, less the stand-in when eager)
+    from the local weights after ``land`` of them, between two steps (at the start when 0),
+    as an overlapped peer's ``apply_landed``."""
     def apply() -> None:
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.sub_(update[n].to(p.device), alpha=lr)
+                p.sub_(shift[n])
 
     done = 0
 
@@ -446,7 +455,7 @@ def _options(v: Variant) -> dict[str, float]:
     if v.method != "sparseloco":
         return {}
     out = {k: o for k, o in codec_options(v.codec).items() if k != "topk"}
-    return out | ({"overlap_land": v.land} if v.land is not None else {})
+    return out | ({"overlap_land": v.land} if v.land is not None else {}) | ({"eager": 1.0} if v.eager else {})
 
 
 def run_variant(scale: Scale, corpus: Corpus, v: Variant, seed: int) -> Result:
