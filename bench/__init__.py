@@ -2,11 +2,14 @@
 
 - ``codec.py``        payload bits per parameter, error and speed vs the reference format
 - ``convergence.py``  SparseLoCo vs DiLoCo vs DDP (+LoCo) vs training alone, at equal tokens
-- ``wan.py``          peers in network namespaces behind tc-limited links (needs root)
+- ``wan.py``          real peers in network namespaces behind tc-limited links (needs root):
+                      ``wan_peers.py`` (the product's peers and their accounting),
+                      ``wan_dense.py`` (the dense DiLoCo baseline), ``wan_projection.py``
 - ``window.py``       one window of the real peer: seconds per phase, overhead, memory
 - ``netns.py``        the namespaces, veth pairs and tbf links ``wan.py`` runs in
 - ``join.py``         ``locoswarm join``'s memory and disk estimates vs a real joiner's peak
 - ``reference.py``    the reference SparseLoCo wire format the codec bench compares against
+- ``procs.py``        processes a benchmark starts, killed whole when it ends
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int``; ``main``
 builds the command line from them. Nothing here imports the CLI.

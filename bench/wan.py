@@ -254,12 +254,11 @@ def _run_sparseloco(net: Network, procs: Processes, method: str, endpoint: str, 
     slow = SlowLink(SLOW_HOST, args.windows, args.slow_mbit) if overlap and args.slow_mbit > 0 else None
     windows = args.windows + 3 if slow is not None else args.windows  # throttled window, recovery, its end
     run = run_peers(net, procs, path, uri, endpoint, d, windows=windows, slow=slow,
-                    timeout=240.0 + windows * 3 * WINDOW_SECONDS)
+                    timeout=240.0 + windows * 2 * WINDOW_SECONDS)
     rows = [t.rows() for t in run.timelines]
     last = args.windows if slow is not None else args.windows - 1  # the last window with a next one to end it
     steady = list(range(args.skip, last))
-    lines = [summarize_peers(method, rows, run.histories(), steady, inner_steps=args.inner_steps,
-                             manifest=bench_manifest(method, args.inner_steps))]
+    lines = [summarize_peers(method, rows, run.histories(), steady, inner_steps=args.inner_steps, manifest=manifest)]
     if slow is not None:
         lines.append(summarize_slow(run, rows, steady, slow.window, slow.mbit))
     return lines
