@@ -4,11 +4,14 @@
 - ``convergence.py``  SparseLoCo vs tuned DiLoCo (+ DDP, LoCo, training alone): sweep, seeds, summary
 - ``convergence_train.py`` the bench's training loops, one method variant and seed at a time
 - ``gpu_convergence.sh`` the prepared device command for ``convergence --scale gpu``
-- ``wan.py``          peers in network namespaces behind tc-limited links (needs root)
+- ``wan.py``          real peers in network namespaces behind tc-limited links (needs root):
+                      ``wan_peers.py`` (the product's peers and their accounting),
+                      ``wan_dense.py`` (the dense DiLoCo baseline), ``wan_projection.py``
 - ``window.py``       one window of the real peer: seconds per phase, overhead, memory
 - ``netns.py``        the namespaces, veth pairs and tbf links ``wan.py`` runs in
 - ``join.py``         ``locoswarm join``'s memory and disk estimates vs a real joiner's peak
 - ``reference.py``    the reference SparseLoCo wire format the codec bench compares against
+- ``procs.py``        processes a benchmark starts, killed whole when it ends
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> int``; ``main``
 builds the command line from them. Nothing here imports the CLI.

@@ -182,9 +182,19 @@ class Network:
                  ", ".join(f"{h.name}={h.ip}@{h.rate_mbit or 'unlimited'}Mbit" for h in self.hosts.values()))
 
     @staticmethod
-    def _shape(netns: str, dev: str, rate_mbit: float) -> None:
-        _sh("tc", "-n", netns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit:g}mbit",
+    def _shape(netns: str, dev: str, rate_mbit: float, verb: str = "add") -> None:
+        _sh("tc", "-n", netns, "qdisc", verb, "dev", dev, "root", "tbf", "rate", f"{rate_mbit:g}mbit",
             "burst", str(tbf_burst_bytes(rate_mbit)), "latency", f"{TBF_LATENCY_MS}ms")
+
+    def set_rate(self, host: str, rate_mbit: float) -> None:
+        """Change a shaped host's link rate both ways while traffic flows (``tc qdisc change``):
+        a link that degrades for a while and comes back."""
+        h = self.hosts[host]
+        if h.rate_mbit is None:
+            raise ValueError(f"host {host!r} has no shaped link to change")
+        self._shape(h.netns, h.veth, rate_mbit, "change")
+        self._shape(self.hub, h.veth + "h", rate_mbit, "change")
+        log.info("link of %s now %g Mbit/s", host, rate_mbit)
 
     def teardown(self) -> None:
         """Delete every namespace this network created (their veths and qdiscs go with them)."""

@@ -1,43 +1,40 @@
-"""``locoswarm bench wan --json``: SparseLoCo against dense DiLoCo over emulated consumer uplinks.
+"""``locoswarm bench wan --json``: the product's window loop over emulated consumer uplinks.
 
-What runs (needs root; otherwise one ``{"skipped": true, "reason": ...}`` line):
+What runs (needs root; otherwise one ``{"skipped": true, "reason": ...}`` line; needs the
+``[bench]`` extra for moto's S3 server, otherwise one ``{"error": ...}`` line naming it):
 
 1. ``bench.netns.Network``: a namespace for the object store and one per peer, joined by
    veth pairs to a bridge; each peer's link is tbf-shaped both ways at 10, 50 and
-   100 Mbit/s (heterogeneous consumer links; bandwidth only, no added latency).
-2. A moto S3 server process inside the store namespace, reached through the product's
-   ``S3Store`` (the same code a peer uses against AWS S3 or R2).
-3. Per method, three worker processes (``python -m bench.wan worker CONFIG``), each inside its
-   peer's namespace, run ``--windows`` windows of the real window path on the "tiny" preset:
-   H real AdamW inner steps on *random tokens* (the data pipeline is not what is measured),
-   pseudo-gradient, then
+   100 Mbit/s (bandwidth only, no added latency).
+2. A moto S3 server process inside the store namespace.
+3. Per SparseLoCo method, ``locoswarm init`` (in the store namespace) creates a run of the
+   tiny preset vouching for 3 peers, and 3 real ``locoswarm peer`` processes, one per peer
+   namespace, train it for ``--windows`` windows with real compute (nothing padded):
+   ``sparseloco_serial`` (``inner.overlap = false``: train, publish, close, gather,
+   aggregate, then train again) and ``sparseloco_overlap`` (``inner.overlap = true``: window
+   w+1 trains while window w is exchanged on a helper thread). Seconds per phase come from
+   each peer's own accounting (``bench.wan_peers``); utilization = compute / wall per peer
+   and window, median over the peers and the steady windows (the first ``--skip``
+   windows are startup). Replicas must end bit-identical: every window's digest in every
+   peer's ``history.jsonl`` equal.
+4. One peer falls behind: in the overlapped run, after the steady windows, the 10 Mbit/s
+   peer's link is throttled to ``--slow-mbit`` (2) Mbit/s for one window (``tc qdisc
+   change``) and restored; the bench reports the other peers' walls of that window against
+   their median and whether the slow peer ended at the same digest.
+5. ``diloco_dense``: the BASELINE, not the product (locoswarm has no dense mode): the
+   bench's own worker (``bench.wan_dense``) with fp32 pseudo-gradients on the same links,
+   model, H, sequence length and batch.
+6. Projections to 1b / 7b / 70b parameters on 100 Mbit/s and 1 Gbit/s links from the
+   overlapped timeline (``bench.wan_projection``).
 
-   - ``sparseloco``: ``ErrorFeedback`` + chunked top-k + 2-bit codec, ``encode_payload``
-     (signed wire bytes); decode with ``decode_payload`` and ``protocol.aggregate``;
-   - ``diloco_dense``: the fp32 pseudo-gradient as safetensors; the mean of all peers.
-
-   Each peer uploads its object, polls the store until every peer's object of the window is
-   listed, downloads the others, aggregates and applies the outer step (all replicas end
-   bit-identical; the bench checks their digests). Per window and peer it measures
-   ``compute`` (inner steps, padded by sleeping to ``--compute-seconds`` when given),
-   ``codec`` (compress + encode), ``upload``, ``wait``, ``download``, ``aggregate`` (decode +
-   aggregate + apply) and ``wall``; compute utilization = compute / wall.
-4. Projections: SparseLoCo payload bytes follow exactly from the codec layout (section sizes
-   are a pure function of tensor shapes, ``protocol.indexcode``), computed for the real
-   tensor shapes of the 150m and 1b presets and of a Llama-2-70B-shaped model (meta device,
-   nothing allocated), plus the header overhead measured on the tiny payload. Per-round
-   comm time = upload of one payload + download of (peers - 1) payloads, no overlap
-   between them or with compute, for 20 peers, on 100 Mbit/s and 1 Gbit/s links.
-
-Output: one JSON line per method, one of projections, and a last summary line with the goal
-check (SparseLoCo utilization >= 0.97 while dense DiLoCo is communication-bound, i.e. spends
-more of its window communicating than computing: utilization < 0.5).
+Output: one JSON line per method, one for the slow peer, one of projections, and a summary
+line with the goal check (overlapped SparseLoCo utilization >= 0.97).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -48,255 +45,185 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-
 from bench.netns import Network, cleanup_leftovers, netns_available
-from node.replica import Replica
-from protocol import paths
-from protocol.aggregate import aggregate
-from protocol.codec import ErrorFeedback
-from protocol.codec_types import model_layout
-from protocol.errors import LayoutMismatch, MalformedPayload, NonFinite, StoreError
-from protocol.identity import Identity
-from protocol.indexcode import code_section_bytes, index_section_bytes
-from protocol.manifest import CodecConfig, Manifest, ModelConfig
-from protocol.stores.s3 import S3Store
-from protocol.wire import Expectation, decode_payload, encode_payload
-
-# node.model / node.inner import transformers (~8 s on a busy 2-core machine): imported
-# where a model is built, so the skip path and the coordinator's waits do not pay for it.
+from bench.procs import Processes, bench_env
+from bench.wan_peers import PeerRun, SlowLink, init_run, run_peers
+from node.accounting import PHASES
+from protocol.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-METHODS = ("sparseloco", "diloco_dense")
 PEER_LINKS_MBIT = (10.0, 50.0, 100.0)
 STORE_PORT = 9000
 BUCKET = "wan-bench"
-VOCAB = 2048
-"""Random-token vocabulary: the tiny preset's reference vocabulary (~1.4M parameters)."""
-SEQ_LEN = 64
-BATCH = 8
-INNER_STEPS = 20
-"""H: the manifest's default number of inner steps per window."""
-POLL_SECONDS = 0.05
-"""How often a waiting peer lists the store for the window's other payloads."""
-READY_TIMEOUT = 180.0
-"""Seconds for all workers to import torch and build the model (2 shared CPU cores)."""
-WINDOW_TIMEOUT = 120.0
-"""Upper bound on one window (the dense payload at 10 Mbit/s takes ~15 s of transfers)."""
-DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "wanbench", "AWS_SECRET_ACCESS_KEY": "wanbench", "AWS_DEFAULT_REGION": "us-east-1"}
-"""moto accepts any credentials; fixed dummies keep boto3 away from real ones."""
-
-PROJECTION_PEERS = 20
-"""Peers per round in the projection (the reference system's order of magnitude)."""
-PROJECTION_LINKS_MBIT = (100.0, 1000.0)
-REFERENCE_70B_ROUND_SECONDS = 70.0
-"""The reference system's published communication time per round at 70B parameters."""
+INNER_STEPS = 40
+"""H of the bench's runs: ~25 s of compute per window for 3 tiny-model peers on 2 shared CPU
+cores (a consumer-link setting: tens of seconds to minutes of compute per exchange)."""
+WINDOWS = 7
+SKIP_WINDOWS = 2
+"""Startup windows left out of the medians (imports, data, the first close)."""
+DENSE_WINDOWS = 4
+SLOW_MBIT = 2.0
+SLOW_HOST = "peer0"
+STALL_RATIO = 1.25
+"""Another peer counts as stalled by the slow one when its window took this many times its median."""
+WINDOW_SECONDS = 120.0
+"""run.window_seconds: the longest a window may stay open (adaptive deadlines shorten it)."""
 UTILIZATION_GOAL = 0.97
-COMM_BOUND_BELOW = 0.5
-"""Dense DiLoCo counts as communication-bound when under half its window is compute."""
+METHODS = ("sparseloco_serial", "sparseloco_overlap", "diloco_dense")
+INSTALL = "pip install -e '.[bench]'"
+NEEDED_MODULES = {"moto": "moto[server]", "flask": "moto[server]", "flask_cors": "moto[server]"}
+"""Modules the S3 server needs, and the package that brings them."""
 
 
-# ============================================================================ worker
+def missing_dependency() -> str | None:
+    """None when everything the bench needs is importable; otherwise what to install."""
+    missing = [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    packages = sorted({NEEDED_MODULES[m] for m in missing})
+    return (f"bench wan needs {', '.join(packages)} (the S3 server the peers use; missing module(s): "
+            f"{', '.join(missing)}); install the bench extra: {INSTALL}")
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Everything one worker process needs; written as JSON by the coordinator."""
-
-    method: str
-    peer: int
-    n_peers: int
-    windows: int
-    endpoint: str
-    inner_steps: int
-    compute_seconds: float | None
-    ready_path: str
-    go_path: str
-    result_path: str
+def bench_manifest(method: str, inner_steps: int) -> Manifest:
+    """The run every method's peers train: the tiny preset on defaults, a small corpus (so
+    init takes seconds), H inner steps, overlap for the overlapped method."""
+    return Manifest().replace(run__id=f"wan-{method.replace('_', '-')}", data__max_chars=400_000,
+                              inner__steps=inner_steps, inner__overlap=method == "sparseloco_overlap",
+                              run__window_seconds=WINDOW_SECONDS)
 
 
-def _identity(peer: int) -> Identity:
-    """Deterministic identities, so every worker knows every peer id without talking."""
-    return Identity.from_seed(f"locoswarm-wan-bench-{peer}".encode())
+# ============================================================================ summaries
 
 
-class _Worker:
-    """One peer's replica, inner loop, codec and store, running windows back to back."""
-
-    def __init__(self, cfg: WorkerConfig):
-        from node.inner import InnerLoop
-        from node.model import build_model, param_shapes
-
-        self.cfg = cfg
-        self.manifest = Manifest().replace(run__id="wan-bench", model__preset="tiny", inner__steps=cfg.inner_steps)
-        self.model = build_model(self.manifest.model, VOCAB, SEQ_LEN, self.manifest.run.seed)
-        self.replica = Replica(dict(self.model.named_parameters()), 0)
-        self.inner = InnerLoop(self.model, self.manifest.inner)
-        self.shapes = param_shapes(self.model)
-        self.layouts = model_layout(self.shapes, self.manifest.codec)
-        self.ef = ErrorFeedback(self.layouts, self.manifest.codec)
-        self.ids = [_identity(p).peer_id for p in range(cfg.n_peers)]
-        self.identity = _identity(cfg.peer)
-        self.max_bytes = 4 * sum(lay.numel for lay in self.layouts.values()) + (1 << 20)
-        self.store = S3Store.from_uri(
-            f"s3://{BUCKET}/{cfg.method}", endpoint_url=cfg.endpoint, request_timeout=60.0, retries=3,
-            create_bucket=True,
-        )
-
-    # ---------------------------------------------------------------- one window
-    def window(self, w: int) -> dict:
-        """Train, encode, upload, wait, download, aggregate, apply; seconds per phase."""
-        t: dict[str, float] = {}
-        start = time.perf_counter()
-        self._train(w)
-        if self.cfg.compute_seconds is not None:
-            time.sleep(max(0.0, self.cfg.compute_seconds - (time.perf_counter() - start)))
-        t["compute"] = time.perf_counter() - start
-
-        mark = time.perf_counter()
-        blob = self._encode(w)
-        t["codec"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        self.store.put(paths.payload_key(w, self.identity.peer_id), blob)
-        t["upload"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        want = {paths.payload_key(w, p) for p in self.ids}
-        while not want <= {o.key for o in self.store.list(paths.payloads_prefix(w))}:
-            if time.perf_counter() - mark > WINDOW_TIMEOUT:
-                raise TimeoutError(f"window {w}: not every peer published within {WINDOW_TIMEOUT:.0f}s")
-            time.sleep(POLL_SECONDS)
-        t["wait"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        blobs = {p: blob if p == self.identity.peer_id else self.store.get(paths.payload_key(w, p), max_bytes=self.max_bytes)
-                 for p in self.ids}
-        t["download"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        self._apply(w, blobs)
-        t["aggregate"] = time.perf_counter() - mark
-        t["wall"] = time.perf_counter() - start
-        return {"window": w, "peer": self.cfg.peer, "payload_bytes": len(blob), "digest": self.replica.digest.hex(), **t}
-
-    def _train(self, w: int) -> None:
-        seed = int.from_bytes(hashlib.sha256(f"{w}/{self.cfg.peer}".encode()).digest()[:8], "little")
-        gen = torch.Generator().manual_seed(seed)
-        batches = [torch.randint(0, VOCAB, (BATCH, SEQ_LEN + 1), generator=gen) for _ in range(self.cfg.inner_steps)]
-        self.inner.train(batches, w)
-
-    def _encode(self, w: int) -> bytes:
-        delta = self.replica.pseudo_gradient(self.model)
-        if self.cfg.method == "sparseloco":
-            return encode_payload(run=self.manifest.run_key, window=w, base_digest=self.replica.digest, tokens=0,
-                                  tensors=self.ef.compress(delta), codec=self.manifest.codec, identity=self.identity)
-        return save_safetensors({name: t.contiguous() for name, t in delta.items()})
-
-    def _apply(self, w: int, blobs: Mapping[str, bytes]) -> None:
-        if self.cfg.method == "sparseloco":
-            tensors = {}
-            for peer, data in blobs.items():
-                expect = Expectation(run=self.manifest.run_key, window=w, layouts=self.layouts, codec=self.manifest.codec,
-                                     max_bytes=self.max_bytes, peer_id=peer, base_digest=self.replica.digest)
-                tensors[peer] = decode_payload(data, expect).tensors
-            agg = aggregate(sorted(tensors.items()), self.layouts, rule=self.manifest.outer.rule,
-                            clip=self.manifest.outer.clip)
-        else:
-            deltas = [load_dense_payload(peer, data, self.shapes) for peer, data in sorted(blobs.items())]
-            agg = {name: torch.stack([d[name] for d in deltas]).mean(0) for name in self.shapes}
-        self.replica.apply(agg, self.manifest.outer.lr)
-        self.replica.load_into(self.model)
+def _mean(rows: Sequence[Mapping[str, float]], key: str) -> float:
+    return round(statistics.fmean(r[key] for r in rows), 3)
 
 
-def load_dense_payload(peer: str, data: bytes, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """A dense fp32 pseudo-gradient from safetensors bytes (no pickle), checked against the model."""
-    try:
-        tensors = load_safetensors(data)
-    except SafetensorError as exc:
-        raise MalformedPayload(f"dense payload is not valid safetensors: {exc}", peer=peer) from exc
-    if set(tensors) != set(shapes):
-        raise LayoutMismatch(f"dense payload tensors differ from the model's: {sorted(set(tensors) ^ set(shapes))[:4]}",
-                             peer=peer)
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(shapes[name]) or t.dtype != torch.float32:
-            raise LayoutMismatch(f"dense tensor {name!r} is {t.dtype} {tuple(t.shape)}, want float32 {shapes[name]}",
-                                 peer=peer)
-        if not torch.isfinite(t).all():
-            raise NonFinite(f"dense tensor {name!r} holds NaN or infinite values", peer=peer)
-    return tensors
+def summarize_peers(method: str, rows_by_peer: Sequence[Sequence[dict]], histories: Sequence[Sequence[dict]],
+                    steady: Sequence[int], *, inner_steps: int, manifest: Manifest) -> dict:
+    """One SparseLoCo method's line: utilization (median of compute / wall over peers and
+    steady windows), mean seconds per phase (they add up to the mean wall), digests."""
+    want = set(steady)
+    rows = [r | {"peer": i} for i, peer_rows in enumerate(rows_by_peer) for r in peer_rows if r["window"] in want]
+    if not rows:
+        raise RuntimeError(f"{method}: no steady window was seen (windows {sorted(want)})")
+    util = [r["compute"] / r["wall"] for r in rows]
+    applied = [{h["window"]: h["digest"] for h in hist if "included" in h} for hist in histories]
+    windows = sorted(set.intersection(*(set(a) for a in applied))) if applied else []
+    identical = bool(windows) and all(len({a[w] for a in applied}) == 1 for w in windows)
+    final = max(windows) if windows else None
+    payloads = [h["payload_bytes"] for hist in histories for h in hist if h.get("payload_bytes")]
+    seconds = {k: _mean(rows, k) for k in ("wall", *PHASES, "other", "background")}
+    off_path = {k: v for k, v in seconds.items() if k not in ("wall", "compute", "background") and v > 0}
+    return {
+        "bench": "wan",
+        "method": method,
+        "product": True,
+        "runs": "locoswarm peer (node/peer.py), one process per namespace; seconds from each peer's accounting",
+        "overlap": manifest.inner.overlap,
+        "peers": len(rows_by_peer),
+        "link_mbit": list(PEER_LINKS_MBIT),
+        "preset": manifest.model.preset,
+        "inner_steps": inner_steps,
+        "seq_len": manifest.data.seq_len,
+        "batch": manifest.data.batch_size,
+        "steady_windows": sorted(want),
+        "samples": len(rows),
+        "compute_utilization": round(statistics.median(util), 4),
+        "compute_utilization_min": round(min(util), 4),
+        "compute_utilization_per_link": {
+            f"{PEER_LINKS_MBIT[i]:g}": round(statistics.median(r["compute"] / r["wall"] for r in rows if r["peer"] == i), 4)
+            for i in sorted({r["peer"] for r in rows})},
+        "seconds_per_window_mean": seconds,
+        "where_the_rest_goes": dict(sorted(off_path.items(), key=lambda kv: -kv[1])),
+        "payload_bytes": int(statistics.median(payloads)) if payloads else None,
+        "windows_applied": len(windows),
+        "replicas_identical": identical,
+        "final_window": final,
+        "final_digest": applied[0][final][:16] if final is not None else None,
+        "included_median": statistics.median(h["included"] for hist in histories for h in hist if "included" in h),
+    }
 
 
-def worker_main(config_path: str) -> None:
-    """Entry point of one peer process: build, report ready, wait for "go", run, write results."""
-    torch.set_num_threads(1)
-    cfg = WorkerConfig(**json.loads(Path(config_path).read_text()))
-    worker = _open_worker(cfg)
-    Path(cfg.ready_path).write_text("ready")
-    deadline = time.time() + READY_TIMEOUT
-    while not Path(cfg.go_path).exists():
-        if time.time() > deadline:
-            raise TimeoutError("the coordinator never said go")
-        time.sleep(0.02)
-    rows = [worker.window(w) for w in range(cfg.windows)]
-    worker.store.close()
-    tmp = cfg.result_path + ".tmp"
-    Path(tmp).write_text(json.dumps(rows))
-    os.replace(tmp, cfg.result_path)
+def summarize_slow(run: PeerRun, rows_by_peer: Sequence[Sequence[dict]], steady: Sequence[int], window: int,
+                   mbit: float) -> dict:
+    """Did the others stall while one peer's link was throttled, and did that peer catch up?"""
+    slow = run.hosts.index(SLOW_HOST)
+    watched = (window, window + 1)
+    peers = {}
+    for i, rows in enumerate(rows_by_peer):
+        by_w = {r["window"]: r for r in rows}
+        median = statistics.median(by_w[w]["wall"] for w in steady if w in by_w)
+        walls = {str(w): round(by_w[w]["wall"], 3) for w in watched if w in by_w}
+        peers[f"{PEER_LINKS_MBIT[i]:g}"] = {
+            "median_wall_s": round(median, 3), "walls_s": walls,
+            "max_ratio": round(max(walls_s / median for walls_s in walls.values()), 3) if walls else None,
+            "phases_in_window": {k: round(v, 3) for k, v in by_w.get(window, {}).items()
+                                 if k not in ("window",) and abs(v) >= 0.005},
+        }
+    others = [p for i, p in enumerate(peers.values()) if i != slow]
+    histories = run.histories()
+    applied = [{h["window"]: h for h in hist if "included" in h} for hist in histories]
+    final = max(applied[slow]) if applied[slow] else None
+    same_digest = final is not None and all(final in a and a[final]["digest"] == applied[slow][final]["digest"]
+                                            for a in applied)
+    counted = applied[slow].get(window, {}).get("counted")
+    return {
+        "bench": "wan",
+        "slow_peer": True,
+        "method": "sparseloco_overlap",
+        "peer_link_mbit": PEER_LINKS_MBIT[slow],
+        "throttled_to_mbit": mbit,
+        "window": window,
+        "throttled_seconds": round(run.throttled[1] - run.throttled[0], 2) if run.throttled else None,
+        "per_link": peers,
+        "others_max_ratio": max((p["max_ratio"] or 0) for p in others),
+        "others_stalled": any((p["max_ratio"] or 0) > STALL_RATIO for p in others),
+        "stall_ratio_threshold": STALL_RATIO,
+        "slow_payload_counted": counted,
+        "slow_peer_final_window": final,
+        "caught_up": same_digest and all(w in applied[slow] for w in range(final + 1)) if final is not None else False,
+    }
 
 
-def _open_worker(cfg: WorkerConfig) -> _Worker:
-    """Build the worker, retrying while the S3 server in the store namespace is starting."""
-    deadline = time.time() + 60.0
-    while True:
-        try:
-            return _Worker(cfg)
-        except StoreError as exc:
-            if time.time() > deadline:
-                raise
-            log.info("store not ready yet (%s); retrying", exc)
-            time.sleep(0.5)
+def summarize_dense(rows: list[dict], steady: Sequence[int], *, inner_steps: int, seq_len: int, batch: int) -> dict:
+    """The dense baseline's line: medians over peers and steady windows, digests."""
+    want = set(steady)
+    windows = sorted({r["window"] for r in rows})
+    identical = all(len({r["digest"] for r in rows if r["window"] == w}) == 1 for w in windows)
+    steady_rows = [r for r in rows if r["window"] in want]
+    keys = ("wall", "compute", "codec", "upload", "wait", "download", "aggregate")
+    return {
+        "bench": "wan",
+        "method": "diloco_dense",
+        "product": False,
+        "baseline": True,
+        "runs": "BASELINE, not the product (locoswarm has no dense mode): bench/wan_dense.py workers re-implement "
+                "the window path with fp32 payloads and time themselves",
+        "peers": len(PEER_LINKS_MBIT),
+        "link_mbit": list(PEER_LINKS_MBIT),
+        "inner_steps": inner_steps,
+        "seq_len": seq_len,
+        "batch": batch,
+        "steady_windows": sorted(want),
+        "compute_utilization": round(statistics.median(r["compute"] / r["wall"] for r in steady_rows), 4),
+        "seconds_per_window_mean": {k: _mean(steady_rows, k) for k in keys},
+        "per_link_mbit": {
+            f"{PEER_LINKS_MBIT[p]:g}": {k: round(statistics.median(r[k] for r in steady_rows if r["peer"] == p), 3)
+                                        for k in ("wall", "upload", "wait", "download")}
+            for p in sorted({r["peer"] for r in steady_rows})},
+        "payload_bytes": int(statistics.median(r["payload_bytes"] for r in rows)),
+        "replicas_identical": identical,
+    }
 
 
-# ============================================================================ coordinator
-
-
-class _Processes:
-    """Processes started in namespaces; each runs in its own session so it can be killed whole."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen:
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=dict(env),
-                                    start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
-        self.procs.clear()
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **DUMMY_AWS)
+# ============================================================================ the run
 
 
 def _wait_for_s3(net: Network, endpoint: str) -> None:
@@ -311,167 +238,30 @@ def _wait_for_s3(net: Network, endpoint: str) -> None:
     proc = subprocess.run(net.exec_argv("store", [sys.executable, "-c", probe]), check=False, timeout=60,
                           capture_output=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"the S3 server at {endpoint} did not come up")
+        raise RuntimeError(f"the S3 server at {endpoint} did not come up (see moto.txt in the bench's workdir)")
 
 
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
-def _run_method(net: Network, procs: _Processes, method: str, endpoint: str, workdir: Path, *, windows: int,
-                inner_steps: int, compute_seconds: float | None) -> list[dict]:
-    """Start one worker per peer in its namespace, release them together, collect their rows."""
+def _run_sparseloco(net: Network, procs: Processes, method: str, endpoint: str, workdir: Path,
+                    args: argparse.Namespace) -> list[dict]:
+    """One SparseLoCo method: init its run, run the peers, summarise (and the slow peer)."""
+    manifest = bench_manifest(method, args.inner_steps)
     d = workdir / method
     d.mkdir()
-    go = d / "go"
-    peers = [name for name in net.hosts if name.startswith("peer")]
-    started = []
-    for i, host in enumerate(peers):
-        cfg = WorkerConfig(method, i, len(peers), windows, endpoint, inner_steps, compute_seconds,
-                           str(d / f"ready{i}"), str(go), str(d / f"result{i}.json"))
-        (d / f"config{i}.json").write_text(json.dumps(asdict(cfg)))
-        argv = net.exec_argv(host, [sys.executable, "-m", "bench.wan", "worker", str(d / f"config{i}.json")])
-        started.append((procs.start(argv, d / f"log{i}.txt", _env()), d / f"log{i}.txt", cfg))
-    deadline = time.time() + READY_TIMEOUT
-    while not all(Path(c.ready_path).exists() for _, _, c in started):
-        _check_alive(started)
-        if time.time() > deadline:
-            raise RuntimeError(f"{method}: workers not ready after {READY_TIMEOUT:.0f}s")
-        time.sleep(0.1)
-    go.write_text(str(time.time()))
-    deadline = time.time() + windows * WINDOW_TIMEOUT
-    for proc, log_path, _ in started:
-        try:
-            rc = proc.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{method}: a worker did not finish in time; log:\n{_tail(log_path)}") from None
-        if rc != 0:
-            raise RuntimeError(f"{method}: worker exited {rc}; log:\n{_tail(log_path)}")
-    return [row for _, _, c in started for row in json.loads(Path(c.result_path).read_text())]
-
-
-def _check_alive(started: list) -> None:
-    for proc, log_path, _ in started:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited {proc.returncode} before it was ready; log:\n{_tail(log_path)}")
-
-
-def summarize(method: str, rows: list[dict], links: list[float]) -> dict:
-    """One method's line: medians over peers and windows, and whether the replicas agree."""
-    def med(key: str) -> float:
-        return round(statistics.median(r[key] for r in rows), 4)
-
-    windows = sorted({r["window"] for r in rows})
-    identical = all(len({r["digest"] for r in rows if r["window"] == w}) == 1 for w in windows)
-    per_peer = {}
-    for peer in sorted({r["peer"] for r in rows}):
-        mine = [r for r in rows if r["peer"] == peer]
-        per_peer[f"{links[peer]:g}"] = {
-            k: round(statistics.median(r[k] for r in mine), 4) for k in ("wall", "upload", "wait", "download")
-        }
-    return {
-        "method": method,
-        "windows": len(windows),
-        "peers": len(links),
-        "link_mbit": links,
-        "payload_bytes": int(statistics.median(r["payload_bytes"] for r in rows)),
-        "wall_s": med("wall"),
-        "compute_s": med("compute"),
-        "codec_s": med("codec"),
-        "upload_s": med("upload"),
-        "wait_s": med("wait"),
-        "download_s": med("download"),
-        "aggregate_s": med("aggregate"),
-        "compute_utilization": round(statistics.median(r["compute"] / r["wall"] for r in rows), 4),
-        "network_fraction": round(statistics.median((r["upload"] + r["wait"] + r["download"]) / r["wall"] for r in rows), 4),
-        "replicas_identical": identical,
-        "per_link_mbit": per_peer,
-    }
-
-
-def break_even(sparse: Mapping[str, float], dense: Mapping[str, float]) -> dict[str, float]:
-    """Compute seconds per window at which each half of the goal holds, from the measured
-    non-compute time per window (wall - compute): SparseLoCo reaches the utilization goal
-    once compute >= goal/(1-goal) x its overhead; dense stays communication-bound while
-    compute <= its overhead. Both overheads grow with model size; only dense's with links."""
-    sparse_overhead = sparse["wall_s"] - sparse["compute_s"]
-    dense_overhead = dense["wall_s"] - dense["compute_s"]
-    return {
-        "sparseloco_overhead_s": round(sparse_overhead, 3),
-        "diloco_dense_overhead_s": round(dense_overhead, 3),
-        "sparseloco_meets_goal_from_compute_s": round(UTILIZATION_GOAL / (1 - UTILIZATION_GOAL) * sparse_overhead, 1),
-        "diloco_dense_comm_bound_up_to_compute_s": round(dense_overhead * COMM_BOUND_BELOW / (1 - COMM_BOUND_BELOW), 1),
-    }
-
-
-# ============================================================================ projections
-
-
-def _preset_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
-    """Parameter shapes of the 150m and 1b presets (vocab 32768) and a Llama-2-70B shape,
-    built on the meta device (no memory allocated)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from node.model import model_config
-
-    configs = {p: model_config(ModelConfig(preset=p), 32768, 2048) for p in ("150m", "1b")}
-    configs["70b"] = LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                                 intermediate_size=28672, vocab_size=32000, tie_word_embeddings=False)
-    out = {}
-    for name, config in configs.items():
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        out[name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return out
-
-
-def sparseloco_section_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Exact bytes of a SparseLoCo payload's packed sections (indices, codes, scales)."""
-    total = 0
-    for lay in model_layout(shapes, CodecConfig()).values():
-        total += index_section_bytes(lay.n_chunks, lay.chunk_len, lay.k) + code_section_bytes(lay.n_chunks, lay.k)
-        total += lay.n_chunks  # one scale code byte per chunk
-    return total
-
-
-def tiny_overhead_per_tensor(payload_bytes: int) -> float:
-    """Header + key + signature bytes of the measured tiny payload, per tensor (an upper
-    bound for big models, where the fixed part is spread over more tensors)."""
-    from node.model import build_model, param_shapes
-
-    shapes = param_shapes(build_model(ModelConfig(preset="tiny"), VOCAB, SEQ_LEN, 0))
-    return (payload_bytes - sparseloco_section_bytes(shapes)) / len(shapes)
-
-
-def projections(sparse_payload_bytes: int, peers: int = PROJECTION_PEERS) -> dict:
-    """Per-round communication seconds for each preset and link, SparseLoCo vs dense fp32."""
-    per_tensor = tiny_overhead_per_tensor(sparse_payload_bytes)
-    rows = []
-    for preset, shapes in _preset_shapes().items():
-        params = sum(int(torch.Size(s).numel()) for s in shapes.values())
-        sparse = sparseloco_section_bytes(shapes) + per_tensor * len(shapes)
-        dense = 4 * params
-        for mbit in PROJECTION_LINKS_MBIT:
-            bps = mbit * 1e6 / 8
-            row = {"preset": preset, "params": params, "link_mbit": mbit,
-                   "sparseloco_bytes": int(sparse), "sparseloco_bits_per_param": round(8 * sparse / params, 4),
-                   "dense_bytes": dense, "compression_vs_fp32": round(dense / sparse, 1)}
-            for name, size in (("sparseloco", sparse), ("diloco_dense", dense)):
-                row[f"{name}_upload_s"] = round(size / bps, 2)
-                row[f"{name}_download_s"] = round((peers - 1) * size / bps, 2)
-                row[f"{name}_round_s"] = round(peers * size / bps, 2)
-            rows.append(row)
-    return {
-        "projections": rows,
-        "peers_assumed": peers,
-        "assumptions": "per round: upload own payload + download (peers-1) payloads, sequential, no overlap with "
-                       "each other or with compute; SparseLoCo sizes exact from codec layouts (chunk 4096, top-64, "
-                       "2-bit, Elias-Fano indices) + header overhead measured on the tiny payload; dense = fp32",
-        "reference_70b_round_seconds": REFERENCE_70B_ROUND_SECONDS,
-    }
-
-
-# ============================================================================ entry points
+    uri = f"s3://{BUCKET}/{method}"
+    n_peers = len(PEER_LINKS_MBIT)
+    path = init_run(net, procs, manifest, uri, endpoint, d, n_peers)
+    overlap = method == "sparseloco_overlap"
+    slow = SlowLink(SLOW_HOST, args.windows, args.slow_mbit) if overlap and args.slow_mbit > 0 else None
+    windows = args.windows + 3 if slow is not None else args.windows  # throttled window, recovery, its end
+    run = run_peers(net, procs, path, uri, endpoint, d, windows=windows, slow=slow,
+                    timeout=240.0 + windows * 2 * WINDOW_SECONDS)
+    rows = [t.rows() for t in run.timelines]
+    last = args.windows if slow is not None else args.windows - 1  # the last window with a next one to end it
+    steady = list(range(args.skip, last))
+    lines = [summarize_peers(method, rows, run.histories(), steady, inner_steps=args.inner_steps, manifest=manifest)]
+    if slow is not None:
+        lines.append(summarize_slow(run, rows, steady, slow.window, slow.mbit))
+    return lines
 
 
 def _emit(obj: dict) -> None:
@@ -485,82 +275,118 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``locoswarm bench wan``."""
     p.add_argument("--json", action="store_true", help="print JSON lines only (no log output)")
-    p.add_argument("--windows", type=int, default=3, help="windows per method (default 3)")
-    p.add_argument("--compute-seconds", type=float, default=None,
-                   help="pad each window's compute to this many seconds (default: the real inner steps)")
+    p.add_argument("--windows", type=int, default=WINDOWS,
+                   help=f"windows per SparseLoCo method (default {WINDOWS}; the overlapped run adds 3 for the slow peer)")
+    p.add_argument("--skip", type=int, default=SKIP_WINDOWS,
+                   help=f"startup windows left out of the medians (default {SKIP_WINDOWS})")
+    p.add_argument("--dense-windows", type=int, default=DENSE_WINDOWS,
+                   help=f"windows of the dense baseline (default {DENSE_WINDOWS}; the first is left out)")
     p.add_argument("--inner-steps", type=int, default=INNER_STEPS, help=f"H per window (default {INNER_STEPS})")
+    p.add_argument("--slow-mbit", type=float, default=SLOW_MBIT,
+                   help=f"the slow peer's link for one window, Mbit/s (default {SLOW_MBIT:g}; 0 = no slow peer)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default all)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its JSON lines; 0 on success or skip, 1 on failure."""
-    windows, compute_seconds, inner_steps = args.windows, args.compute_seconds, args.inner_steps
     if not args.json:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    missing = missing_dependency()
+    if missing is not None:
+        print(f"locoswarm bench wan: {missing}", file=sys.stderr)
+        _emit({"bench": "wan", "error": missing})
+        return 1
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or args.windows < args.skip + 2 or args.skip < 0 or args.dense_windows < 2:
+        _emit({"bench": "wan", "error": f"unknown methods {unknown}" if unknown else
+               "need --windows >= --skip + 2, --skip >= 0 and --dense-windows >= 2"})
+        return 1
     reason = netns_available()
     if reason is not None:
         _emit({"bench": "wan", "skipped": True, "reason": reason})
         return 0
-    torch.set_num_threads(1)
     cleanup_leftovers()
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     hosts: dict[str, float | None] = {"store": None}
     hosts.update({f"peer{i}": rate for i, rate in enumerate(PEER_LINKS_MBIT)})
     workdir = Path(tempfile.mkdtemp(prefix="locoswarm-wan-"))
-    procs = _Processes()
-    lines = []
+    procs = Processes()
+    by: dict[str, dict] = {}
+    started = time.time()
     try:
         with Network(hosts) as net:
             try:  # processes die before their namespaces are deleted
                 endpoint = f"http://{net.ip('store')}:{STORE_PORT}"
                 procs.start(net.exec_argv("store", [sys.executable, "-m", "moto.server", "-H", net.ip("store"), "-p",
-                                                    str(STORE_PORT)]), workdir / "moto.txt", _env())
+                                                    str(STORE_PORT)]), workdir / "moto.txt", bench_env())
                 _wait_for_s3(net, endpoint)
-                for method in METHODS:
-                    rows = _run_method(net, procs, method, endpoint, workdir, windows=windows,
-                                       inner_steps=inner_steps, compute_seconds=compute_seconds)
-                    line = summarize(method, rows, list(PEER_LINKS_MBIT))
-                    line["compute_seconds_padded_to"] = compute_seconds
-                    line["inner_steps"] = inner_steps
-                    _emit(line)
-                    lines.append(line)
+                for method in methods:
+                    if method == "diloco_dense":
+                        lines = [_run_dense(net, procs, endpoint, workdir, args)]
+                    else:
+                        lines = _run_sparseloco(net, procs, method, endpoint, workdir, args)
+                    for line in lines:
+                        _emit(line)
+                    by[method] = lines[0]
+                    if len(lines) > 1:
+                        by["slow_peer"] = lines[1]
             finally:
                 procs.stop()
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         log.error("wan bench failed: %s", exc)
-        _emit({"bench": "wan", "error": str(exc)[-2000:]})
+        _emit({"bench": "wan", "error": str(exc)[-3000:]})
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(workdir, ignore_errors=True)
-    by = {line["method"]: line for line in lines}
-    _emit(projections(by["sparseloco"]["payload_bytes"]))
-    sparse_u, dense_u = by["sparseloco"]["compute_utilization"], by["diloco_dense"]["compute_utilization"]
-    _emit({
-        "bench": "wan",
-        "summary": True,
-        "sparseloco_utilization": sparse_u,
-        "diloco_dense_utilization": dense_u,
-        "sparseloco_network_fraction": by["sparseloco"]["network_fraction"],
-        "diloco_dense_network_fraction": by["diloco_dense"]["network_fraction"],
-        "sparseloco_utilization_ge_0_97": sparse_u >= UTILIZATION_GOAL,
-        "diloco_dense_comm_bound": dense_u < COMM_BOUND_BELOW,
-        "goal_met": sparse_u >= UTILIZATION_GOAL and dense_u < COMM_BOUND_BELOW,
-        "wall_ratio_dense_over_sparseloco": round(by["diloco_dense"]["wall_s"] / by["sparseloco"]["wall_s"], 2),
-        **break_even(by["sparseloco"], by["diloco_dense"]),
-    })
+    sparse = by.get("sparseloco_overlap") or by.get("sparseloco_serial")
+    if sparse is not None and sparse["payload_bytes"]:
+        from bench.wan_projection import projections
+
+        _emit(projections(sparse["payload_bytes"]))
+    _emit(summary(by, time.time() - started))
     return 0
 
 
+def _run_dense(net: Network, procs: Processes, endpoint: str, workdir: Path, args: argparse.Namespace) -> dict:
+    from bench.wan_dense import run_dense
+
+    manifest = bench_manifest("diloco_dense", args.inner_steps)
+    seq_len, batch = manifest.data.seq_len, manifest.data.batch_size
+    rows = run_dense(net, procs, endpoint, BUCKET, workdir, windows=args.dense_windows, inner_steps=args.inner_steps,
+                     vocab=manifest.tokenizer.vocab_size, seq_len=seq_len, batch=batch)
+    return summarize_dense(rows, list(range(1, args.dense_windows)), inner_steps=args.inner_steps, seq_len=seq_len,
+                           batch=batch)
+
+
+def summary(by: Mapping[str, dict], wall: float) -> dict:
+    """The last line: each method's utilization, and the goal check on the overlapped one."""
+    out: dict = {"bench": "wan", "summary": True, "wall_s": round(wall, 1),
+                 "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    for method in METHODS:
+        if method in by:
+            out[f"{method}_utilization"] = by[method]["compute_utilization"]
+    if "sparseloco_serial" in by or "sparseloco_overlap" in by:
+        out["replicas_identical"] = all(by[m]["replicas_identical"] for m in by if m.startswith("sparseloco_"))
+    overlap = by.get("sparseloco_overlap")
+    if overlap is not None:
+        out["utilization_goal"] = UTILIZATION_GOAL
+        out["goal_met"] = overlap["compute_utilization"] >= UTILIZATION_GOAL
+        out["overlap_compute_s_mean"] = overlap["seconds_per_window_mean"]["compute"]
+        out["overlap_where_the_rest_goes_s"] = overlap["where_the_rest_goes"]
+    if "slow_peer" in by:
+        out["slow_peer_others_stalled"] = by["slow_peer"]["others_stalled"]
+        out["slow_peer_caught_up"] = by["slow_peer"]["caught_up"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.wan worker CONFIG`` is one peer; anything else is ``locoswarm bench wan``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
-        worker_main(argv[1])
-        return 0
+    """``python -m bench.wan ARGS`` is ``locoswarm bench wan ARGS``."""
     from bench import main as bench_main
 
-    return bench_main(["wan", *argv])
+    return bench_main(["wan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,21 +1,18 @@
-"""bench.netns: namespaces joined by tbf-shaped veth links really limit throughput, and go away;
-and the parts of bench.wan that need no namespaces (skip line, payload sizes, dense decoding).
+"""bench.netns: namespaces joined by tbf-shaped veth links really limit throughput, a link's
+rate can change while it carries traffic, and the namespaces go away.
 
 Namespace tests need root and iproute2; otherwise they skip with ``netns_available``'s reason.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from bench import wan
 from bench.netns import (
     PREFIX,
     Network,
@@ -108,6 +105,24 @@ def test_tbf_link_limits_both_directions_and_teardown_leaves_nothing():
 
 
 @needs_netns
+def test_a_link_slowed_mid_run_limits_both_directions_and_comes_back():
+    with Network({"peer": RATE_MBIT, "store": None}, tag="s") as net:
+        net.set_rate("peer", 5)
+        down = _mbit(_transfer(net, "store", "serve-send", "peer", "recv"))
+        up = _mbit(_transfer(net, "store", "serve-recv", "peer", "send"))
+        net.set_rate("peer", RATE_MBIT)
+        back = _mbit(_transfer(net, "store", "serve-send", "peer", "recv"))
+    assert 2.5 < down < 7.5, f"downlink measured {down:.1f} Mbit/s after slowing the link to 5"
+    assert 2.5 < up < 7.5, f"uplink measured {up:.1f} Mbit/s after slowing the link to 5"
+    assert back > 10, f"the restored {RATE_MBIT} Mbit/s link gave only {back:.1f} Mbit/s"
+
+
+def test_only_a_shaped_link_can_change_rate():
+    with pytest.raises(ValueError, match="no shaped link"):
+        Network({"free": None}).set_rate("free", 5)
+
+
+@needs_netns
 def test_unlimited_link_is_much_faster_than_the_shaped_one():
     with Network({"a": None, "b": None}, tag="u") as net:
         fast = _mbit(_transfer(net, "b", "serve-send", "a", "recv"))
@@ -136,49 +151,3 @@ def test_leftovers_of_dead_runs_are_removed_but_live_runs_kept():
 def test_prefix_names_the_running_process():
     net = Network({"p": 1})
     assert net.prefix.startswith(f"{PREFIX}{os.getpid()}")
-
-
-def test_bench_prints_a_skip_line_when_namespaces_are_unavailable(monkeypatch, capsys):
-    monkeypatch.setattr(wan, "netns_available", lambda: "needs root")
-    parser = argparse.ArgumentParser()
-    wan.add_arguments(parser)
-    assert wan.run(parser.parse_args(["--json", "--windows", "1"])) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["skipped"] is True and line["reason"] == "needs root"
-
-
-def test_projected_section_bytes_equal_those_of_a_real_encoded_payload():
-    from node.model import build_model, param_shapes
-    from protocol.codec import ErrorFeedback
-    from protocol.codec_types import model_layout
-    from protocol.identity import Identity
-    from protocol.manifest import CodecConfig, ModelConfig
-    from protocol.wire import encode_payload, read_header
-
-    shapes = param_shapes(build_model(ModelConfig(preset="tiny"), wan.VOCAB, wan.SEQ_LEN, 0))
-    layouts = model_layout(shapes, CodecConfig())
-    gen = torch.Generator().manual_seed(1)
-    delta = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
-    blob = encode_payload(run="r", window=0, base_digest=bytes(32), tokens=0,
-                          tensors=ErrorFeedback(layouts, CodecConfig()).compress(delta), codec=CodecConfig(),
-                          identity=Identity.from_seed(b"t"))
-    header, _ = read_header(blob, max_bytes=len(blob))
-    assert wan.sparseloco_section_bytes(shapes) == sum(e.section_bytes for e in header.tensors)
-    assert 0 < wan.tiny_overhead_per_tensor(len(blob)) < 200
-
-
-def test_dense_payload_of_wrong_shape_or_garbage_is_rejected():
-    from safetensors.torch import save
-
-    from protocol.errors import LayoutMismatch, MalformedPayload, NonFinite
-
-    shapes = {"w": (2, 3)}
-    assert wan.load_dense_payload("p", save({"w": torch.ones(2, 3)}), shapes)["w"].sum() == 6
-    with pytest.raises(LayoutMismatch, match="want float32"):
-        wan.load_dense_payload("p", save({"w": torch.ones(3, 2)}), shapes)
-    with pytest.raises(LayoutMismatch, match="differ"):
-        wan.load_dense_payload("p", save({"v": torch.ones(2, 3)}), shapes)
-    with pytest.raises(NonFinite):
-        wan.load_dense_payload("p", save({"w": torch.full((2, 3), float("nan"))}), shapes)
-    with pytest.raises(MalformedPayload):
-        wan.load_dense_payload("p", b"\xff" * 64, shapes)
