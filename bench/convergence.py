@@ -91,7 +91,8 @@ class Sweep:
     lookahead: float = LOOKAHEAD_AT_K64
     """0: the paper's rule only."""
     lands: tuple[float, ...] = OVERLAP_LANDS
-    """Overlapped SparseLoCo (``inner.overlap``) at the smallest top-k, by when the aggregate lands."""
+    """Overlapped SparseLoCo as the peer runs it (``inner.overlap``: eager) at the smallest
+    top-k, by when the aggregate lands."""
     seeds: tuple[int, ...] = SEEDS
     baselines: tuple[str, ...] = ("ddp", "ddp_loco", "single")
 
@@ -103,7 +104,8 @@ class Sweep:
             dl = [[Variant("diloco", h, lr, m)] for lr, m in self.diloco]
             sl = [[Variant("sparseloco", h, codec=c) for c in self.codecs(k)] for k in self.topks]
             if sl:
-                sl[0] += [Variant("sparseloco", h, codec=CodecConfig(topk=self.topks[0]), land=f) for f in self.lands]
+                sl[0] += [Variant("sparseloco", h, codec=CodecConfig(topk=self.topks[0]), land=f, eager=True)
+                          for f in self.lands]
             per_h.append([v for pair in zip_longest(dl, sl, fillvalue=[]) for group in pair for v in group])
         out = [v for rank in zip_longest(*per_h) for v in rank if v is not None]
         return out + [Variant(m, min(self.hs)) for m in self.baselines]

@@ -6,6 +6,7 @@ Bytes per parameter, float32 everywhere (the outer step and the digest are float
     replica (global weights) + error feedback    8    on the device when everything fits,
                                                       else in pinned host memory, streamed
                                                       through the device one tensor at a time
+    overlap's stand-in (``inner.overlap``)      +4    where the replica is (node/overlap.py)
     activations                                   per sequence: 34*s*h bytes per layer in 16-bit
                                                   (Korthikanti et al. 2022, without the 5*a*s^2
                                                   attention scores: SDPA's fused kernels never
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_BYTES_PER_PARAM = 16
 STATE_BYTES_PER_PARAM = 8
+STAND_IN_BYTES_PER_PARAM = 4
 RESERVE_BYTES = 1 << 30
 """Device memory left for the CUDA context, allocator fragmentation and kernels' workspace."""
 
@@ -97,11 +99,12 @@ class MemoryPlan:
 
 
 def plan_memory(device: str | torch.device, shape: ModelShape, *, micro_batch: int = 0,
-                device_bytes: int | None = None) -> MemoryPlan:
+                device_bytes: int | None = None, overlap: bool = False) -> MemoryPlan:
     """The plan for training ``shape`` on ``device``.
 
     ``micro_batch`` forces a micro-batch size (0: the largest divisor of the batch that
     fits). ``device_bytes`` overrides the GPU's total memory (for planning elsewhere).
+    ``overlap`` keeps one more float32 copy of the model with the replica (the stand-in).
     Raises ``NotEnoughMemory`` naming what is missing.
     """
     dev = torch.device(device)
@@ -113,7 +116,7 @@ def plan_memory(device: str | torch.device, shape: ModelShape, *, micro_batch: i
     total = device_bytes if device_bytes is not None else torch.cuda.get_device_properties(dev).total_memory
     budget = int(total * 0.95) - RESERVE_BYTES
     train = TRAIN_BYTES_PER_PARAM * shape.params
-    state = STATE_BYTES_PER_PARAM * shape.params
+    state = (STATE_BYTES_PER_PARAM + (STAND_IN_BYTES_PER_PARAM if overlap else 0)) * shape.params
     divisors = [d for d in range(shape.batch_size, 0, -1) if shape.batch_size % d == 0]
     candidates = [micro_batch] if micro_batch else divisors
     for state_on_device in (True, False):

@@ -86,7 +86,7 @@ class Peer:
         self.data = TokenData.load(manifest, store, node.cache_dir)
         self.model = build_model(manifest.model, self.data.vocab_size, manifest.data.seq_len, manifest.run.seed)
         shape = ModelShape.of(self.model, manifest.data.seq_len, -(-manifest.data.batch_size // self.world))
-        self.plan = plan_memory(node.device, shape, micro_batch=node.micro_batch)
+        self.plan = plan_memory(node.device, shape, micro_batch=node.micro_batch, overlap=manifest.inner.overlap)
         """Where every tensor of the window lives (node/memory.py)."""
         log.info("memory plan: %s", self.plan.describe())
         self.model.to(self.plan.device)
@@ -213,34 +213,41 @@ class Peer:
             return self._applied(*applied)
         expect, deadline = self.follower.expectation(w), self.follower.deadline(w)
         with self.acct.phase("encode"):
-            sent = self.ef.compress(self.replica.pseudo_gradient(self.model))
+            delta = self.replica.pseudo_gradient(self.model)
+            sent = self.ef.compress(delta)
             blob = self.sign_payload(w, sent, result.tokens)
+            stand_in = {n: delta[n].to(self.plan.state_device, copy=True) for n in self.replica.params}
         self.progress("publish", w, train_loss=result.mean_loss)
-        published = self.exchange.publish(w, blob, self.publish_until(deadline))
-        if published:
-            self.exchange.remember(w, blob, expect)
-        self.replica.load_into(self.model)  # window w+1 starts from theta(w); theta(w+1) lands mid-window
+        self.replica.load_into(self.model)  # theta(w), for the evaluation of window w-1
         report = self._applied(*applied) if applied is not None else None
-        self.pending = Background(w, lambda on_tensor: self._exchange(w, expect, deadline, on_tensor),
-                                  lr=self.manifest.outer.lr, context=(sent, published, len(blob), result.mean_loss))
+        with torch.no_grad():  # window w+1 trains on from our own end of window w (theta(w) - delta):
+            for n, p in self.model.named_parameters():  # our update stands in for the run's until it lands
+                p.sub_(stand_in[n].to(p.device))
+        self.pending = Background(w, lambda on_tensor: self._exchange(w, blob, expect, deadline, on_tensor),
+                                  lr=self.manifest.outer.lr, stand_in=stand_in,
+                                  context=(sent, len(blob), result.mean_loss))
         return report
 
-    def _exchange(self, window: int, expect: Expectation, deadline: float,
-                  on_tensor: Callable[[str, torch.Tensor], None]) -> tuple[Decision, Gathered]:
-        """The helper thread's part of an overlapped window: decide, gather, step the replica."""
+    def _exchange(self, window: int, blob: bytes, expect: Expectation, deadline: float,
+                  on_tensor: Callable[[str, torch.Tensor], None]) -> tuple[Decision, Gathered, bool]:
+        """The helper thread's part of an overlapped window: publish (the upload is off the
+        training path too), decide, gather, step the replica; and whether we published."""
+        published = self.exchange.publish(window, blob, self.publish_until(deadline))
+        if published:
+            self.exchange.remember(window, blob, expect)
         decision = self.wait_for_decision(window, expect, deadline)
         gathered = self.wait_for_payloads(decision)
         self.follower.advance(decision, gathered, on_tensor=on_tensor)
-        return decision, gathered
+        return decision, gathered, published
 
     def _land(self, pending: Background) -> tuple[Decision, Gathered, float, int]:
         """Wait for the helper (the part of its exchange training did not hide counts as
         wait) and settle its window: error feedback gets back what the window did not take."""
         with self.acct.phase("wait"):
-            decision, gathered = pending.join(self.model)
+            decision, gathered, published = pending.join(self.model)
         self.pending = None
         self.acct.background += pending.seconds
-        sent, published, size, train_loss = pending.context
+        sent, size, train_loss = pending.context
         if not published or self.peer_id not in gathered.accepted:
             self.ef.restore(sent)
         return decision, gathered, train_loss, size

@@ -231,6 +231,11 @@ def test_overlap_landing_before_the_first_step_is_the_serial_run_bit_for_bit(sca
     assert late.curve[1] == serial.curve[1]  # the first window has nothing to land
     assert late.curve[-1] != serial.curve[-1]
     assert late.label == "sparseloco H=2 k=64 overlap@1" and late.options == {"overlap_land": 1.0}
-    assert {"sparseloco H=15 k=64 overlap@0.5", "sparseloco H=30 k=64 overlap@1"} <= {v.label for v in Sweep().variants()}
+    assert {"sparseloco H=15 k=64 overlap@0.5 eager", "sparseloco H=30 k=64 overlap@1 eager"} <= {
+        v.label for v in Sweep().variants()}
+    eager = run_variant(scale, corpus, Variant("sparseloco", 2, land=1.0, eager=True), 1)
+    assert eager.curve[1] == serial.curve[1] and eager.curve[-1] not in (serial.curve[-1], late.curve[-1])
     with pytest.raises(ValueError, match="land"):
         Variant("diloco", 2, land=0.5)
+    with pytest.raises(ValueError, match="eager"):
+        Variant("sparseloco", 2, eager=True)

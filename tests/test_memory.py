@@ -49,3 +49,11 @@ def test_a_model_that_cannot_fit_names_what_is_missing():
 def test_a_forced_micro_batch_is_kept_when_it_fits():
     plan = plan_memory("cuda", shape("150m", seq_len=512, batch=8), micro_batch=2, device_bytes=80 * GiB)
     assert plan.micro_batch == 2
+
+
+def test_overlap_plans_room_for_its_stand_in_next_to_the_replica():
+    s = shape("150m", seq_len=1024, batch=8)
+    serial = plan_memory("cuda", s, device_bytes=80 * GiB)
+    overlapped = plan_memory("cuda", s, device_bytes=80 * GiB, overlap=True)
+    assert not serial.streamed and not overlapped.streamed
+    assert overlapped.need - serial.need == 4 * s.params

@@ -45,7 +45,8 @@ def finished(tmp_path_factory):
                                           inner__steps=2, inner__warmup_steps=2))
     shutil.copytree(root / "store", root / "genesis-store")
     peer_identity("p0").save(root / "p0" / "peer.key")
-    res = cli("peer", "--store", run.uri, "--workdir", str(root / "p0"), "--windows", str(WINDOWS), timeout=900)
+    res = cli("peer", "--store", run.uri, "--workdir", str(root / "p0"), "--windows", str(WINDOWS), "--eval-every", "1",
+              timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return run, root, res, read_history(root / "p0" / "history.jsonl")
 
