@@ -145,7 +145,7 @@ def aggregate_bench(device: str, *, quick: bool, peers: int = 20) -> dict:
     ``quick``) on ``device`` and on the CPU; the device's result must equal the CPU's."""
     from transformers import LlamaForCausalLM
 
-    from bench.window import signed_as, sparse_tensor
+    from bench.window import sparse_tensor
     from node.model import model_config
     from protocol.aggregate import iter_aggregate
     from protocol.codec_types import model_layout
@@ -161,9 +161,8 @@ def aggregate_bench(device: str, *, quick: bool, peers: int = 20) -> dict:
     gen = torch.Generator().manual_seed(0)
     tensors = {n: sparse_tensor(lay, gen) for n, lay in layouts.items()}
     idents = [Identity.from_seed(f"agg {i}".encode()) for i in range(peers)]
-    template = encode_payload(run="bench@0", window=0, base_digest=b"\0" * 32, tokens=1, tensors=tensors,
-                              codec=codec, identity=idents[0])
-    blobs = {ident.peer_id: signed_as(template, ident) for ident in idents}
+    blobs = {ident.peer_id: encode_payload(run="bench@0", window=0, base_digest=b"\0" * 32, tokens=1, tensors=tensors,
+                                           codec=codec, identity=ident) for ident in idents}
     expect = Expectation(run="bench@0", window=0, layouts=layouts, codec=codec, max_bytes=max(map(len, blobs.values())),
                          base_digest=b"\0" * 32)
     out = {"preset": preset, "peers": peers, "params": sum(lay.numel for lay in layouts.values()),

@@ -17,7 +17,8 @@ One JSON line per preset:
   count buffer, and ``aggregate_memory_over_model``: that over one dense float32 model;
 - ``aggregate_rss_bytes``: resident memory growth measured while gathering and aggregating
   the last window again (a lower bound: the allocator reuses freed pages);
-- ``peak_rss_bytes``: the process's high-water mark; ``state_bytes``: the resumable state.
+- ``peak_rss_bytes``: the process's high-water mark; ``state_bytes``: the resumable state;
+  ``included_last_window``: payloads the last window counted (every one of ``--peers``).
 
     locoswarm bench window --preset 150m --steps 20 --peers 64 --windows 3
 """
@@ -102,11 +103,10 @@ def measure(root: Path, preset: str, args: argparse.Namespace) -> dict:
     per_window: list[dict[str, float]] = []
     try:
         for w in range(1 + args.windows):
-            if sims:  # published before the window starts: the closer never waits for them
-                blob = encode_payload(run=manifest.run_key, window=w, base_digest=peer.replica.digest, tokens=1,
-                                      tensors=update, codec=manifest.codec, identity=sims[0])
-                for sim in sims:
-                    store.put(paths.payload_key(w, sim.peer_id), signed_as(blob, sim))
+            for sim in sims:  # published before the window starts: the closer never waits for them
+                store.put(paths.payload_key(w, sim.peer_id), encode_payload(
+                    run=manifest.run_key, window=w, base_digest=peer.replica.digest, tokens=1, tensors=update,
+                    codec=manifest.codec, identity=sim))
             before = dict(peer.acct.seconds)
             t0 = time.perf_counter()
             peer.run_window()
@@ -130,15 +130,8 @@ def measure(root: Path, preset: str, args: argparse.Namespace) -> dict:
         "aggregate_rss_bytes": aggregate_rss, "peak_rss_bytes": _peak_rss(),
         "peak_device_bytes": torch.cuda.max_memory_allocated(peer.plan.device) if peer.plan.device.type == "cuda" else None,
         "state_bytes": node.state_file.stat().st_size, "digest": peer.replica.digest.hex()[:16],
+        "included_last_window": peer.history.read()[-1]["included"],
     }
-
-
-def signed_as(blob: bytes, identity: Identity) -> bytes:
-    """The payload ``blob`` signed by ``identity`` instead: the wire format ends with the
-    signer's public key and the signature over everything before it (docs/protocol.md), so
-    simulated peers need one encoding, not one each."""
-    head = blob[:-96] + identity.public_key
-    return head + identity.sign(head)
 
 
 def sparse_tensor(lay: TensorLayout, gen: torch.Generator) -> CompressedTensor:
