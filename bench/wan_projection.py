@@ -8,14 +8,14 @@ per tensor measured on a real tiny payload. Per window a peer uploads its payloa
 downloads the other ``peers - 1``.
 
 Timeline of an overlapped peer (``inner.overlap``, ``node/overlap.py``): while window w+1
-trains, window w is decided, downloaded and aggregated on a helper thread, so that part is
-hidden as long as it takes less than the compute; the peer's own upload runs on its
-training path (``Peer.overlapped_window`` publishes before it goes on), so it is not. Per
-window:
+trains, window w is uploaded, decided, downloaded and aggregated on a helper thread, so all
+of it is hidden as long as it takes less than the compute. Per window:
 
-    overlapped:  wall = upload + max(compute, download + aggregate)
-    all hidden:  wall = max(compute, upload + download + aggregate)   (if the upload moved off the path too)
+    overlapped:  wall = max(compute, upload + download + aggregate)
     serial:      wall = compute + upload + download + aggregate
+
+(``overlapped_utilization`` still takes what stays on the training path as an argument:
+until 2026-11-30 the upload did.)
 
 and utilization = compute / wall. Aggregation time is an assumption, not a measurement:
 the GPU goal of ``bench/device_check.py`` (20 peers' 1b payloads decoded and aggregated in
@@ -120,11 +120,9 @@ def row(preset: str, params: int, payload: float, mbit: float, peers: int = PEER
         "sparseloco_bytes": int(payload), "sparseloco_bits_per_param": round(8 * payload / params, 4),
         "dense_fp32_bytes": 4 * params, "compression_vs_fp32": round(4 * params / payload, 1),
         "upload_s": round(upload, 2), "download_s": round(download, 2), "aggregate_s_assumed": round(agg, 2),
-        "overlap_compute_s_for_goal": round(compute_for_goal(UTILIZATION_GOAL, upload, download + agg), 1),
-        "all_hidden_compute_s_for_goal": round(compute_for_goal(UTILIZATION_GOAL, 0.0, upload + download + agg), 1),
+        "overlap_compute_s_for_goal": round(compute_for_goal(UTILIZATION_GOAL, 0.0, upload + download + agg), 1),
         "serial_compute_s_for_goal": round(UTILIZATION_GOAL / (1 - UTILIZATION_GOAL) * (upload + download + agg), 1),
-        "overlap_utilization_at_reference_compute": round(overlapped_utilization(c, upload, download + agg), 4),
-        "all_hidden_utilization_at_reference_compute": round(overlapped_utilization(c, 0.0, upload + download + agg), 4),
+        "overlap_utilization_at_reference_compute": round(overlapped_utilization(c, 0.0, upload + download + agg), 4),
         "serial_utilization_at_reference_compute": round(serial_utilization(c, upload + download + agg), 4),
         "dense_serial_utilization_at_reference_compute": round(
             serial_utilization(c, peers * 4 * params / bps + agg), 4),
@@ -142,9 +140,8 @@ def projections(tiny_payload_bytes: int, peers: int = PEERS) -> dict:
     return {
         "bench": "wan",
         "projections": rows,
-        "timeline": "overlapped (inner.overlap): wall = upload + max(compute, download + aggregate); the peer's own "
-                    "upload is on its training path, the exchange of the window before is hidden behind compute. "
-                    "all_hidden: wall = max(compute, upload + download + aggregate). serial: wall = compute + upload "
+        "timeline": "overlapped (inner.overlap): wall = max(compute, upload + download + aggregate): the whole "
+                    "exchange of the window before runs beside training. serial: wall = compute + upload "
                     "+ download + aggregate. utilization = compute / wall",
         "assumptions": f"{peers} peers, each uploads its payload once and downloads {peers - 1}, sequentially at the "
                        "link rate; SparseLoCo sizes exact from codec layouts (chunk 4096, top-64, 2-bit, Elias-Fano "
