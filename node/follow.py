@@ -37,17 +37,16 @@ from node.accounting import Accounting
 from node.checkpoint import checkpoint_windows, fetch_checkpoint
 from node.exchange import Exchange, Gathered, address_policy
 from node.replica import Replica
+from node.runinfo import DecisionRecords
 from protocol import paths
 from protocol.aggregate import iter_aggregate
 from protocol.codec_types import TensorLayout
 from protocol.consensus import (
-    MAX_DECISION_BYTES,
     MAX_PROPOSAL_BYTES,
     MAX_VOTE_BYTES,
     PROPOSAL,
     Decision,
     Seen,
-    read_decision,
     read_proposal,
     read_vote,
 )
@@ -151,8 +150,8 @@ class DecisionReader:
         self.store = store
         self.manifest = manifest
         self.acct = accounting
-        self.ids = {peer_id_of(bytes.fromhex(k)) for k in manifest.closers}
         self.once = Once()
+        self.records = DecisionRecords(store, manifest, warn=self.once.warn)
         self._logs: dict[int, ConsensusLog] = {}
 
     def read(self, window: int) -> Decision | None:
@@ -167,20 +166,10 @@ class DecisionReader:
 
     def read_record(self, window: int) -> Decision | None:
         """The first valid decision record of the window, if any."""
-        for info in self.store.list(paths.decisions_prefix(window)):
-            signer = info.key.rsplit("/", 1)[-1].removesuffix(paths.RECORD_SUFFIX)
-            if info.key != paths.decision_key(window, signer) or signer not in self.ids or info.size > MAX_DECISION_BYTES:
-                continue
-            try:
-                data = self.store.get(info.key, max_bytes=MAX_DECISION_BYTES)
-                self.acct.bytes_down += len(data)
-                return read_decision(data, run=self.manifest.run_key, window=window, closers=self.manifest.closers,
-                                     quorum=self.manifest.quorum)
-            except (ObjectNotFound, ObjectTooLarge):
-                continue
-            except RecordRejected as exc:
-                self.once.warn(info.key, str(exc))
-        return None
+        before = self.records.bytes_read
+        decision = self.records.read(window)
+        self.acct.bytes_down += self.records.bytes_read - before
+        return decision
 
 
 class Follower:

@@ -12,6 +12,7 @@ to report on a run and never enough to apply a window.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from protocol import paths
 from protocol.consensus import MAX_DECISION_BYTES, Decision, read_decision
@@ -58,14 +59,22 @@ def check_run_manifest(store: Store, manifest: Manifest) -> Manifest:
     return theirs
 
 
-class DecisionRecords:
-    """Reads the decision records of a run's windows, newest first."""
+def _log_rejected(key: str, reason: str) -> None:
+    log.warning("ignoring %r: %s", key, reason)
 
-    def __init__(self, store: Store, manifest: Manifest):
+
+class DecisionRecords:
+    """Reads the decision records of a run's windows, newest first (the one reader of
+    decision records: ``node.follow.DecisionReader`` uses it too)."""
+
+    def __init__(self, store: Store, manifest: Manifest, *,
+                 warn: Callable[[str, str], None] = _log_rejected):
+        """``warn(key, reason)`` hears of each rejected record (default: a log line)."""
         self.store = store
         self.manifest = manifest
         self.closer_ids = {peer_id_of(bytes.fromhex(k)) for k in manifest.closers}
         self.bytes_read = 0
+        self.warn = warn
 
     def windows(self) -> list[int]:
         """Windows with a decision record under a closer's key (not yet verified), newest
@@ -93,7 +102,7 @@ class DecisionRecords:
             except (ObjectNotFound, ObjectTooLarge):
                 continue
             except RecordRejected as exc:
-                log.warning("ignoring %r: %s", info.key, exc)
+                self.warn(info.key, str(exc))
         return None
 
     def newest(self, *, tries: int = 64) -> Decision | None:
