@@ -218,11 +218,16 @@ class Peer:
             blob = self.sign_payload(w, sent, result.tokens)
             stand_in = {n: delta[n].to(self.plan.state_device, copy=True) for n in self.replica.params}
         self.progress("publish", w, train_loss=result.mean_loss)
-        self.replica.load_into(self.model)  # theta(w), for the evaluation of window w-1
-        report = self._applied(*applied) if applied is not None else None
-        with torch.no_grad():  # window w+1 trains on from our own end of window w (theta(w) - delta):
-            for n, p in self.model.named_parameters():  # our update stands in for the run's until it lands
-                p.sub_(stand_in[n].to(p.device))
+        # Window w+1 trains on from here, our own update standing in for the run's until it lands.
+        report = None
+        if applied is not None and self.eval_due():  # the evaluation of window w-1 reads theta(w)
+            self.replica.load_into(self.model)
+            report = self._applied(*applied)
+            with torch.no_grad():  # back to our own end of window w: theta(w) - delta
+                for n, p in self.model.named_parameters():
+                    p.sub_(stand_in[n].to(p.device))
+        elif applied is not None:
+            report = self._applied(*applied)
         self.pending = Background(w, lambda on_tensor: self._exchange(w, blob, expect, deadline, on_tensor),
                                   lr=self.manifest.outer.lr, stand_in=stand_in,
                                   context=(sent, len(blob), result.mean_loss))
@@ -324,6 +329,10 @@ class Peer:
         self.replica.load_into(self.model)
         return WindowReport(window, result.mean_loss, None, [], 0, "")
 
+    def eval_due(self) -> bool:
+        """The held-out loss is measured at this window (every ``eval_every`` windows)."""
+        return bool(self.node.eval_every) and self.replica.window % self.node.eval_every == 0
+
     def heldout_loss(self) -> float:
         return heldout_loss(self.model, self.data, self.manifest.data.eval_sequences, self.manifest.data.batch_size)
 
@@ -335,7 +344,7 @@ class Peer:
         with self.acct.phase("digest"):
             digest = self.shown_digest = self.replica.digest.hex()
         heldout = None
-        if self.node.eval_every and self.replica.window % self.node.eval_every == 0:
+        if self.eval_due():
             with self.acct.phase("eval"):
                 heldout = self.heldout_loss()
         entry = {

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # two in-process networks of three peers
 WINDOWS = 4
 
 
-def _run(tmp_path, overlap: bool) -> list[Peer]:
+def _run(tmp_path, overlap: bool, eval_every: int = 1) -> list[Peer]:
     torch.set_num_threads(1)
     keys = [Identity.from_seed(f"overlap-{i}".encode()) for i in range(3)]
     manifest = small_manifest(run__peers=tuple(k.public_key.hex() for k in keys), inner__overlap=overlap)
@@ -27,7 +27,7 @@ def _run(tmp_path, overlap: bool) -> list[Peer]:
         workdir = tmp_path / f"p{i}"
         key.save(workdir / "peer.key")
         peers.append(Peer(run.manifest, open_store(run.uri),
-                          NodeConfig(workdir=workdir, max_windows=WINDOWS, poll_seconds=0.05, eval_every=1)))
+                          NodeConfig(workdir=workdir, max_windows=WINDOWS, poll_seconds=0.05, eval_every=eval_every)))
     run_in_threads(peers, timeout=300)
     return peers
 
@@ -46,3 +46,13 @@ def test_overlapped_replicas_stay_bit_identical_and_learn(tmp_path):
     serial = _run(tmp_path / "serial", overlap=False)
     assert serial[0].replica.digest != peers[0].replica.digest
     assert abs(serial[0].history.read()[-1]["heldout_loss"] - losses[-1]) < 0.05 * losses[-1]
+
+
+def test_windows_without_an_evaluation_train_on_from_the_peers_own_weights_and_stay_identical(tmp_path):
+    """With an evaluation only every third window, most windows never load theta(w) into the
+    model: training goes straight on from the peer's own end of window."""
+    peers = _run(tmp_path, overlap=True, eval_every=3)
+    assert len({p.replica.digest for p in peers}) == 1 and all(p.replica.window == WINDOWS for p in peers)
+    history = peers[0].history.read()
+    assert all(h["included"] == 3 for h in history if "included" in h)
+    assert [h["window"] for h in history if h.get("heldout_loss") is not None and "included" in h] == [2]
