@@ -24,8 +24,9 @@ from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
 
-from locoswarm.status import human_ago, human_bytes
+from locoswarm.status import human_ago
 from node.progress import read_progress
+from validator.charts import human_bytes
 
 log = logging.getLogger("locoswarm.peer")
 

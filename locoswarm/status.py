@@ -22,6 +22,7 @@ from protocol.consensus import Decision
 from protocol.manifest import Manifest
 from protocol.scores import combine, read_scores
 from protocol.stores.base import Store
+from validator.charts import human_bytes
 
 RECENT_WINDOWS = 8
 """Default number of newest decided windows ``status`` reads: every peer seen in them is listed."""
@@ -96,15 +97,6 @@ def _add_scores(state: dict[str, Any], manifest: Manifest, store: Store, newest:
 
 
 # --- printing ------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def human_ago(seconds: float) -> str:

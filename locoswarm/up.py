@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from locoswarm.machine import human_bytes
 from node.accounting import PHASES
 from node.genesis import init_run
 from node.progress import read_history, read_progress
@@ -82,20 +83,12 @@ def _table(rows: list[dict | None], names: list[str], elapsed: float, windows: i
             info["phase"],
             f"{last['train_loss']:.3f}" if last.get("train_loss") is not None else "",
             f"{last['heldout_loss']:.3f}" if last.get("heldout_loss") is not None else "",
-            _human(acct["bytes_up"]),
-            _human(acct["bytes_down"]),
+            human_bytes(acct["bytes_up"]),
+            human_bytes(acct["bytes_down"]),
             str(last.get("included", "")),
             info["digest"][:8],
         )
     return table
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1000
-    return f"{n:.1f}TB"
 
 
 def _fmt(x: float | None) -> str:
@@ -197,7 +190,7 @@ def run_up(args: argparse.Namespace) -> int:
                         if h.get("heldout_loss") is not None and (i, h["window"]) not in seen:
                             seen[(i, h["window"])] = True
                             console.print(f"{names[i]} window {h['window']:>3}  held-out loss {h['heldout_loss']:.4f}  "
-                                          f"sent {_human(h['bytes_up'])}  digest {h['digest'][:8]}")
+                                          f"sent {human_bytes(h['bytes_up'])}  digest {h['digest'][:8]}")
             if time.time() - started > args.timeout:
                 console.print(f"[red]timeout after {args.timeout:.0f}s; stopping peers[/]")
                 break
@@ -261,7 +254,7 @@ def _summarize(console: Console, args, workdir: Path, rows, histories, procs, va
         f"\n[bold]{'done' if ok else 'FAILED'}[/]: {applied} windows, {args.peers} peers, held-out loss "
         f"{_fmt(summary['loss_first'])} -> {_fmt(summary['loss_last'])}, "
         f"replicas bit-identical: {summary['digests_equal']}, "
-        f"payload {_human(summary['payload_bytes_median'] or 0)} per peer per window"
+        f"payload {human_bytes(summary['payload_bytes_median'] or 0)} per peer per window"
         + (f" ({summary['bits_per_param']:.3f} bits/param)" if summary["bits_per_param"] else "")
         + (f"\nplot: {summary.get('plot')}" if summary.get("plot") else "")
         + (f"\nlogs: {workdir}/peers/*/log.txt" if failed else "")
