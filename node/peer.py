@@ -213,10 +213,10 @@ class Peer:
             return self._applied(*applied)
         expect, deadline = self.follower.expectation(w), self.follower.deadline(w)
         with self.acct.phase("encode"):
-            delta = self.replica.pseudo_gradient(self.model)
-            sent = self.ef.compress(delta)
+            delta = self.replica.pseudo_gradient(self.model)  # formed once, kept as the stand-in
+            stand_in = {n: delta[n].to(self.plan.state_device) for n in self.replica.params}  # fresh tensors
+            sent = self.ef.compress(stand_in)
             blob = self.sign_payload(w, sent, result.tokens)
-            stand_in = {n: delta[n].to(self.plan.state_device, copy=True) for n in self.replica.params}
         self.progress("publish", w, train_loss=result.mean_loss)
         # Window w+1 trains on from here, our own update standing in for the run's until it lands.
         report = None
