@@ -110,10 +110,10 @@ def test_peers_outlive_an_s3_outage_and_keep_their_checkpoints(moto, tmp_path):
     peers = [PeerProcess(tmp_path, f"p{i}", manifest_path, uri, windows=4,
                          extra=["--endpoint-url", moto.endpoint_url, *STORE_TIMEOUTS]) for i in range(2)]
 
-    # The outage starts while both train window 1 and lasts until the node itself (not only
+    # The outage starts while both are in window 1 and lasts until the node itself (not only
     # the store's inner retries) has run into it on each peer.
-    wait_for(lambda: all((p.progress or {}).get("window") == 1 and p.progress["phase"] == "train" for p in peers),
-             150, "both peers to be training window 1")
+    wait_for(lambda: all((p.progress or {}).get("window") == 1 and p.progress["phase"] in ("train", "publish", "wait")
+                         for p in peers), 150, "both peers to be in window 1", interval=0.05)
     moto.pause()
     try:
         wait_for(lambda: all((p.progress or {}).get("accounting", {}).get("store_errors", 0) >= 1 for p in peers), 90,
