@@ -322,7 +322,11 @@ def test_join_catches_up_from_a_checkpoint_trains_stops_on_ctrl_c_and_resumes(tm
     verified checkpoint, replays, trains in step with them; Ctrl-C stops it cleanly between
     windows; the same command resumes it and it ends on the others' digest."""
     windows = 9
-    manifest = small_manifest(run__peers=peer_keys("p0", "p1", "joiner"), run__store=f"file://{tmp_path / 'store'}")
+    # Adaptive deadlines close a window at twice what recent windows took, 5 s at the least:
+    # a joiner on a loaded machine (its first windows load data and warm up) can miss that and
+    # replay the window instead of training it. 15 s keeps this test about the join.
+    manifest = small_manifest(run__peers=peer_keys("p0", "p1", "joiner"), run__store=f"file://{tmp_path / 'store'}",
+                              run__min_window_seconds=15.0)
     run = create_run(tmp_path, manifest, f"file://{tmp_path / 'store'}")
     peer_identity("joiner").save(tmp_path / "joiner.key")
     peers = [PeerProcess(tmp_path, name, run.manifest_path, run.uri, windows=windows) for name in ("p0", "p1")]
