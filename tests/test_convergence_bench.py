@@ -70,6 +70,20 @@ def test_sweep_has_plain_averaging_nesterov_and_every_topk_per_h() -> None:
     assert len(Sweep().seeds) >= 2
 
 
+def test_cpu_long_sweep_runs_the_paper_rule_only_where_asked() -> None:
+    """cpu-long: the DiLoCo grid and one lower outer lr, the look-ahead at every top-k, the paper's rule at k=64 only."""
+    scale = check_scale(convergence.SCALES["cpu-long"], convergence.SWEEPS["cpu-long"])
+    assert (scale.steps // 15, scale.steps // 30) == (80, 40)
+    labels = [v.label for v in convergence.SWEEPS["cpu-long"].variants()]
+    for h in (15, 30):
+        assert {f"diloco H={h} avg", f"diloco H={h} lr=0.7 nesterov=0.9", f"diloco H={h} lr=0.4 nesterov=0.9",
+                f"diloco H={h} lr=0.2 nesterov=0.9"} <= set(labels)
+        assert [lb for lb in labels if lb.startswith(f"sparseloco H={h} ")] == [
+            f"sparseloco H={h} k=64", f"sparseloco H={h} k=64 ef_lookahead=1.0",
+            f"sparseloco H={h} k=128 ef_lookahead=0.5", f"sparseloco H={h} k=192 ef_lookahead={64 / 192}"]
+    assert len(labels) == 16
+
+
 def test_summary_judges_each_sparseloco_against_the_best_diloco(smoke) -> None:
     _, summary, records = smoke
     assert records[-1] == summary and summary["seeds"] == [1, 2]
