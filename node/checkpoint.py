@@ -95,6 +95,10 @@ def publish_due(store: Store, run: RunConfig, window: int, weights: dict[str, to
         log.warning("window %d: checkpoint or garbage collection skipped: %s", window - 1, exc)
 
 
+GAP = 2
+"""Missing checkpoints in a row (their publishers failed) the search for the newest steps over."""
+
+
 def checkpoint_windows(store: Store, every: int, after: int = -1) -> Iterator[int]:
     """Windows after ``after`` with a committed checkpoint (its meta object), newest first;
     whether one is right is for the caller to check against the run's decisions.
@@ -102,25 +106,32 @@ def checkpoint_windows(store: Store, every: int, after: int = -1) -> Iterator[in
     Checkpoints are due at multiples of ``every`` (never at 0: genesis is not published). The
     newest is found by probing one checkpoint directory at a time, galloping up from the
     first due after ``after`` and then bisecting: O(log n) small listings however many
-    checkpoints the run keeps, and the same on stores that list one level deep (p2p). A
-    missing checkpoint at the start of the search (its publisher failed) is stepped over.
+    checkpoints the run keeps, and the same on stores that list one level deep (p2p). Up to
+    ``GAP`` missing checkpoints in a row (their publishers failed), anywhere, are stepped over.
     """
+    seen: dict[int, bool] = {}
+
     def published(k: int) -> bool:
-        return any(o.key.endswith(".json") for o in store.list(paths.checkpoint_dir(k * every)))
+        if k not in seen:
+            seen[k] = any(o.key.endswith(".json") for o in store.list(paths.checkpoint_dir(k * every)))
+        return seen[k]
+
+    def reached(k: int) -> bool:  # the run has published a checkpoint at k or up to GAP due ones later
+        return any(published(j) for j in range(k, k + GAP + 1))
 
     first = max(1, after // every + 1)
-    start = next((k for k in (first, first + 1) if published(k)), None)
-    if start is None:
+    if not reached(first):
         return
-    lo, step = start, 1
-    while published(lo + step):
+    lo, step = first, 1
+    while reached(lo + step):
         lo, step = lo + step, step * 2
     hi = lo + step
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if published(mid) else (lo, mid)
-    for k in range(lo, first - 1, -1):
-        if k == lo or published(k):
+        lo, hi = (mid, hi) if reached(mid) else (lo, mid)
+    newest = max(k for k in range(lo, lo + GAP + 1) if published(k))
+    for k in range(newest, first - 1, -1):
+        if published(k):
             yield k * every
 
 

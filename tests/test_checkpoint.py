@@ -106,11 +106,16 @@ def test_checkpoints_are_found_by_probing_when_listing_is_shallow(tmp_path):
         publish_checkpoint(store, w, _weights(), tmp_path)
     store.listings = 0
     assert list(itertools.islice(checkpoint_windows(store, every=3), 3)) == [300, 297, 294]
-    assert store.listings <= 20  # galloping and bisecting over 100 checkpoints, not a listing of each
+    assert store.listings <= 30  # galloping and bisecting over 100 checkpoints, not a listing of each
     assert list(checkpoint_windows(store, every=3, after=290)) == [300, 297, 294, 291]
     assert list(checkpoint_windows(store, every=3, after=300)) == []
-    store.delete(meta_key(3, weights_digest(_weights())))  # the first one's publisher failed
-    assert next(checkpoint_windows(store, every=3)) == 300
+    for w in (3, 6, 150, 153, 291, 294, 300):  # publishers failed: at the start, in the middle, the newest
+        store.delete(meta_key(w, weights_digest(_weights())))
+    assert list(itertools.islice(checkpoint_windows(store, every=3), 3)) == [297, 288, 285]
+    assert next(checkpoint_windows(store, every=3, after=150)) == 297
+    assert list(checkpoint_windows(store, every=3, after=289)) == [297]
+    store.delete(meta_key(9, weights_digest(_weights())))  # three in a row: beyond what the search steps over
+    assert list(checkpoint_windows(store, every=3)) == []
 
 
 def test_the_proposer_publishes_the_checkpoint_that_is_due_and_collects_what_retention_drops(tmp_path):
