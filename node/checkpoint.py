@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from node.state import remove_leftovers
 from protocol import paths
 from protocol.digest import weights_digest
 from protocol.errors import CheckpointError, ObjectNotFound, StoreError
@@ -40,6 +41,8 @@ from protocol.retention import gc_windows, retention_floor
 from protocol.stores.base import Store
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_TEMP_PREFIX = ".checkpoint-"
 
 MAX_META_BYTES = 1 << 12
 _META_KEYS = {"window", "digest", "sha256", "size"}
@@ -61,7 +64,8 @@ def publish_checkpoint(store: Store, window: int, weights: dict[str, torch.Tenso
     object is the commit marker, written last."""
     digest = weights_digest(weights)
     scratch.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=scratch, prefix=".checkpoint-", suffix=".safetensors")
+    remove_leftovers(scratch, CHECKPOINT_TEMP_PREFIX)  # one publish at a time per workdir: older ones were killed
+    fd, tmp = tempfile.mkstemp(dir=scratch, prefix=CHECKPOINT_TEMP_PREFIX, suffix=".safetensors")
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(weights.items())}, tmp)

@@ -13,6 +13,7 @@ thread writes them, in order, one snapshot in flight at a time.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,6 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from protocol.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
+STATE_TEMP_PREFIX = ".state-"
 
 @dataclass
 class LocalState:
@@ -43,7 +47,7 @@ def save_local_state(path: Path, state: LocalState) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"window": str(state.window), "meta": json.dumps(state.meta)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=STATE_TEMP_PREFIX)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
@@ -85,8 +89,20 @@ class BackgroundWriter:
             self._pool.shutdown(wait=True)
 
 
+def remove_leftovers(directory: Path, prefix: str) -> None:
+    """Delete the temp files (``prefix*``) of writes a kill interrupted in ``directory``: each
+    can be as large as the model, and nothing else removes them. Only for the one process
+    that holds the workdir (``locoswarm.lock``), before it writes there itself."""
+    for leftover in directory.glob(f"{prefix}*"):
+        if leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", leftover)
+
+
 def load_local_state(path: Path) -> LocalState | None:
-    """The saved state, or None when this peer has none yet."""
+    """The saved state, or None when this peer has none yet (or its first write was killed)."""
+    if path.parent.is_dir():
+        remove_leftovers(path.parent, STATE_TEMP_PREFIX)
     if not path.exists():
         return None
     try:

@@ -29,6 +29,19 @@ def _weights(seed=0):
     return {"a.weight": torch.randn(8, 4, generator=g), "b.bias": torch.randn(3, generator=g)}
 
 
+def test_writes_a_kill_interrupted_are_cleaned_up_by_the_next_process(tmp_path):
+    """A SIGKILL during a state or checkpoint write leaves a model-sized temp file behind;
+    the next process holding the workdir removes those, and nothing else."""
+    (tmp_path / ".state-k1ll3d").write_bytes(b"\0" * 1000)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / ".checkpoint-k1ll3d.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "notes.state-keep").write_text("not ours")
+    assert load_local_state(tmp_path / "state.safetensors") is None  # the first write was the one killed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "notes.state-keep"]
+    publish_checkpoint(MemoryStore(), 4, _weights(), tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_local_state_round_trip_is_exact(tmp_path):
     path = tmp_path / "state.safetensors"
     state = LocalState(7, _weights(), {"adam.m.a": torch.ones(2)}, {"a.weight": torch.zeros(8, 4)}, {"k": [1, 2]})

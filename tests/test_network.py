@@ -87,8 +87,11 @@ def test_killed_peer_does_not_stop_others_and_resumes(run):
     root, mpath, uri = run.root, run.manifest_path, run.uri
     peers = [PeerProcess(root, f"p{i}", mpath, uri, windows=5) for i in range(3)]
     victim = peers[2]
-    wait_for(lambda: (victim.progress or {}).get("window", 0) >= 1 and victim.progress["phase"] == "train", 120,
-             "the victim to be training window 1")
+    # The state is written off the window's path: wait until one exists, or the kill may land
+    # before the first write is done and the victim rightly restarts from a checkpoint.
+    wait_for(lambda: (victim.progress or {}).get("window", 0) >= 1 and victim.progress["phase"] == "train"
+             and (victim.workdir / "state.safetensors").exists(), 120,
+             "the victim to be training window 1 or later with its state saved", interval=0.05)
     victim.kill(signal.SIGKILL)
     for p in peers[:2]:
         assert p.wait(timeout=300) == 0, p.log()
