@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 STATE_TEMP_PREFIX = ".state-"
 
+
 @dataclass
 class LocalState:
     window: int
