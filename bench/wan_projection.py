@@ -14,8 +14,8 @@ of it is hidden as long as it takes less than the compute. Per window:
     overlapped:  wall = max(compute, upload + download + aggregate)
     serial:      wall = compute + upload + download + aggregate
 
-(``overlapped_utilization`` still takes what stays on the training path as an argument:
-until 2026-11-30 the upload did.)
+(``overlapped_utilization`` takes what stays on the training path as an argument: nothing
+of the exchange since 2026-11-30, when the upload moved to the helper thread.)
 
 and utilization = compute / wall. Aggregation time is an assumption, not a measurement:
 the GPU goal of ``bench/device_check.py`` (20 peers' 1b payloads decoded and aggregated in
@@ -89,18 +89,18 @@ def tiny_overhead_per_tensor(payload_bytes: int) -> float:
     return (payload_bytes - sparseloco_section_bytes(shapes)) / len(shapes)
 
 
-def overlapped_utilization(compute: float, upload: float, hidden: float) -> float:
-    """compute / (upload + max(compute, hidden)): the upload on the training path, ``hidden``
-    (download + aggregate) behind the next window's compute."""
-    return compute / (upload + max(compute, hidden))
+def overlapped_utilization(compute: float, on_path: float, hidden: float) -> float:
+    """compute / (on_path + max(compute, hidden)): ``on_path`` seconds of exchange on the
+    training path, ``hidden`` (upload + download + aggregate) behind the next window's compute."""
+    return compute / (on_path + max(compute, hidden))
 
 
-def compute_for_goal(goal: float, upload: float, hidden: float) -> float:
+def compute_for_goal(goal: float, on_path: float, hidden: float) -> float:
     """The least compute per window at which ``overlapped_utilization`` reaches ``goal``
     (it grows with compute, so the answer is unique): below ``hidden`` the wall is fixed at
-    upload + hidden; above it, only the upload costs."""
-    below = goal * (upload + hidden)
-    return below if below <= hidden else goal * upload / (1.0 - goal)
+    on_path + hidden; above it, only ``on_path`` costs."""
+    below = goal * (on_path + hidden)
+    return below if below <= hidden else goal * on_path / (1.0 - goal)
 
 
 def serial_utilization(compute: float, comm: float) -> float:
